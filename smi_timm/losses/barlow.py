@@ -1,0 +1,59 @@
+"""Barlow Twins loss (Zbontar et al., 2021) — the D×D feature-level baseline.
+
+For embeddings ``za``, ``zb`` of shape ``(N, D)``:
+
+1. per-feature batch standardisation (as ``BatchNorm1d(affine=False)``: biased variance, eps 1e-5)::
+
+       ẑ = (z − mean_batch(z)) / sqrt(var_batch(z) + 1e-5)
+
+2. the D×D cross-correlation ``c = ẑaᵀ · ẑb / N``
+3. ``L = Σ_i (1 − c_ii)² + λ·Σ_{i≠j} c_ij²``
+
+With ``gather=True`` both views are all-gathered with gradients, so the statistics and ``c`` use the global batch
+and the gradients are exact (the reference implementation all-reduces ``c`` without a gradient path, which
+under-counts the other ranks' contribution).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ._common import check_embeddings, gather_with_grad
+
+__all__ = ["BarlowTwinsLoss", "barlow_twins_loss"]
+
+BN_EPS = 1e-5
+
+
+def _standardize_features(z: torch.Tensor) -> torch.Tensor:
+    z = z.float()
+    return (z - z.mean(0, keepdim=True)) / torch.sqrt(z.var(0, unbiased=False, keepdim=True) + BN_EPS)
+
+
+def barlow_twins_loss(za: torch.Tensor, zb: torch.Tensor, lambd: float = 0.0051, gather: bool = False) -> torch.Tensor:
+    """Functional Barlow Twins loss; see the module docstring. Returns a float32 scalar."""
+    check_embeddings(za, zb, "barlow_twins_loss")
+    if gather:
+        za, zb = gather_with_grad(za), gather_with_grad(zb)
+    a, b = _standardize_features(za), _standardize_features(zb)
+    c = a.t() @ b / a.shape[0]
+    diag = torch.diagonal(c)
+    on_diag = (1.0 - diag).pow(2).sum()
+    off_diag = c.pow(2).sum() - diag.pow(2).sum()
+    return on_diag + lambd * off_diag
+
+
+class BarlowTwinsLoss(nn.Module):
+    """Barlow Twins: ``L = Σ_i (1 − c_ii)² + λ·Σ_{i≠j} c_ij²`` on the D×D cross-correlation of batch-standardised
+    embeddings. ``lambd=0.0051`` is the value published for an 8192-d projector."""
+
+    def __init__(self, lambd: float = 0.0051, gather: bool = False):
+        super().__init__()
+        self.lambd = float(lambd)
+        self.gather = bool(gather)
+
+    def forward(self, za: torch.Tensor, zb: torch.Tensor) -> torch.Tensor:
+        return barlow_twins_loss(za, zb, lambd=self.lambd, gather=self.gather)
+
+    def extra_repr(self) -> str:
+        return f"lambd={self.lambd}, gather={self.gather}"

@@ -1,0 +1,219 @@
+"""SMI: the Semantic Mutual Information loss on a sample-level dependency matrix.
+
+This is our reading of the SMI objective of arXiv 2606.08332, whose equations are not public; the definition below is
+the one this library implements, and every backend computes exactly it.
+
+For two batches of embeddings ``za``, ``zb`` of shape ``(N, D)`` (two augmented views of the same N images):
+
+1. ``a = za.float()``, ``b = zb.float()`` (any floating input dtype; computed in float32)
+2. row standardisation over the D features::
+
+       â = (a - mean_row(a)) / sqrt(var_row(a) + 1e-6)     (biased variance), the same for b̂
+
+3. the N×N matrix of Pearson correlations between view-A sample i and view-B sample j::
+
+       ρ = â · b̂ᵀ / D
+
+4. the Gaussian mutual-information map, smoothed by ε (``transform="mi"``)::
+
+       φ(ρ) = ½·log(1 + ε) − ½·log(1 + ε − min(ρ², 1))          (φ(0) = 0, φ grows to ½·log(1 + 1/ε) at |ρ| = 1)
+
+   or the ablation without the nonlinearity (``transform="square"``)::
+
+       φ(ρ) = ½·ρ²
+
+5. positive pairs (the diagonal) are maximised, all other pairs pushed towards independence::
+
+       L = −(1/N)·Σ_i φ(ρ_ii) + neg_weight · (1/(N(N−1)))·Σ_{i≠j} φ(ρ_ij)
+
+Unlike Barlow Twins (a D×D feature cross-correlation) the matrix is N×N: its cost is O(N²·D) and it needs no
+cross-rank synchronisation. With ``gather=False`` (default) each rank computes the loss on its local batch; with
+``gather=True`` both views are all-gathered with gradients and every rank computes the loss on the global batch
+(the parameter gradients after DDP averaging equal those of one process on the concatenated batch).
+
+Backends: ``"torch"`` is the reference (autograd, chunked over rows so that memory stays O(N·D + chunk·N));
+``"triton"`` runs the fused kernels of :mod:`smi_timm.kernels`; ``"auto"`` picks Triton for CUDA tensors when
+Triton is importable and the torch path otherwise.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import math
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from ._common import VALID_BACKENDS, VALID_TRANSFORMS, check_choice, check_embeddings, gather_with_grad
+
+__all__ = ["SMILoss", "smi_loss", "smi_loss_reference", "standardize_rows", "dependency_matrix", "phi"]
+
+ROW_STD_EPS = 1e-6
+# Default row-chunk: keep one ρ chunk at most 2^24 float32 entries (64 MiB).
+_MAX_CHUNK_ELEMENTS = 1 << 24
+
+
+def standardize_rows(x: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Standardise each row over its features: (x − mean) / sqrt(biased var + 1e-6), computed in ``dtype``."""
+    x = x.to(dtype)
+    mean = x.mean(dim=1, keepdim=True)
+    var = x.var(dim=1, unbiased=False, keepdim=True)
+    return (x - mean) / torch.sqrt(var + ROW_STD_EPS)
+
+
+def phi(rho: torch.Tensor, eps: float = 1e-3, transform: str = "mi") -> torch.Tensor:
+    """The dependency map φ(ρ) applied elementwise (see the module docstring)."""
+    if transform == "mi":
+        # ½·log(1+ε) − ½·log(1+ε−min(ρ²,1)), written with log1p for accuracy near ρ = 0.
+        return 0.5 * (math.log1p(eps) - torch.log1p(eps - torch.clamp(rho * rho, max=1.0)))
+    if transform == "square":
+        return 0.5 * rho * rho
+    check_choice(transform, VALID_TRANSFORMS, "transform")
+    raise AssertionError("unreachable")
+
+
+def dependency_matrix(za: torch.Tensor, zb: torch.Tensor, eps: float = 1e-3, transform: str = "mi") -> torch.Tensor:
+    """The full N×N dependency matrix φ(ρ) (for analysis and plots; the loss never needs it whole)."""
+    check_embeddings(za, zb, "dependency_matrix")
+    a, b = standardize_rows(za), standardize_rows(zb)
+    return phi(a @ b.t() / a.shape[1], eps, transform)
+
+
+def _chunk_terms(a_chunk: torch.Tensor, b: torch.Tensor, row0: torch.Tensor, eps: float, transform: str):
+    """For rows [row0, row0 + chunk) of ρ: (Σ φ over the chunk, Σ φ over the chunk's diagonal entries)."""
+    d = a_chunk.shape[1]
+    rho = a_chunk @ b.t() / d
+    dep = phi(rho, eps, transform)
+    rows = torch.arange(a_chunk.shape[0], device=a_chunk.device)
+    diag = dep[rows, rows + row0]
+    return dep.sum(), diag.sum()
+
+
+def smi_loss_reference(za: torch.Tensor, zb: torch.Tensor, neg_weight: float = 1.0, eps: float = 1e-3,
+                       transform: str = "mi", chunk_size: Optional[int] = None,
+                       compute_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The SMI loss in plain PyTorch (autograd), chunked over rows of ρ.
+
+    ``chunk_size`` rows of ρ are formed at a time; when there is more than one chunk each is recomputed in the
+    backward pass (activation checkpointing), so that peak extra memory is O(N·D + chunk_size·N) instead of O(N²).
+    ``None`` picks the largest chunk with at most 2^24 entries (one chunk, no recomputation, for N ≤ 4096).
+    ``compute_dtype`` is float32 by definition of the loss; float64 exists for gradient checks in tests.
+    """
+    check_embeddings(za, zb, "smi_loss")
+    check_choice(transform, VALID_TRANSFORMS, "transform")
+    n = za.shape[0]
+    if chunk_size is None:
+        chunk_size = max(1, _MAX_CHUNK_ELEMENTS // n)
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive number of rows, got {chunk_size}")
+    a, b = standardize_rows(za, compute_dtype), standardize_rows(zb, compute_dtype)
+    if chunk_size >= n:
+        total, diag = _chunk_terms(a, b, torch.zeros((), dtype=torch.long), eps, transform)
+    else:
+        total = a.new_zeros(())
+        diag = a.new_zeros(())
+        for start in range(0, n, chunk_size):
+            row0 = torch.tensor(start, device=a.device)
+            t, dg = checkpoint(_chunk_terms, a[start:start + chunk_size], b, row0, eps, transform,
+                               use_reentrant=False)
+            total = total + t
+            diag = diag + dg
+    return -diag / n + neg_weight * (total - diag) / (n * (n - 1))
+
+
+def _load_kernels():
+    """Import :mod:`smi_timm.kernels` (Triton), also from a source checkout that was not pip-installed.
+
+    The kernels live in the top-level folder ``kernels/``; an install maps it to ``smi_timm.kernels``. In a plain
+    clone (e.g. ``torch.hub.load(..., source='local')``) the mapping does not exist, so the folder next to the
+    package is loaded under the same name.
+    """
+    try:
+        return importlib.import_module("smi_timm.kernels")
+    except ModuleNotFoundError as err:
+        if err.name not in ("smi_timm.kernels",):
+            raise
+    folder = Path(__file__).resolve().parents[2] / "kernels"
+    init = folder / "__init__.py"
+    if not init.is_file():
+        raise ModuleNotFoundError(
+            "smi_timm.kernels is not installed; install the package (pip install smi-timm) or use backend='torch'"
+        )
+    spec = importlib.util.spec_from_file_location("smi_timm.kernels", init, submodule_search_locations=[str(folder)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["smi_timm.kernels"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def _triton_usable(z: torch.Tensor) -> bool:
+    if z.is_cuda:
+        return importlib.util.find_spec("triton") is not None
+    return os.environ.get("TRITON_INTERPRET") == "1" and importlib.util.find_spec("triton") is not None
+
+
+def smi_loss(za: torch.Tensor, zb: torch.Tensor, neg_weight: float = 1.0, eps: float = 1e-3, transform: str = "mi",
+             gather: bool = False, backend: str = "auto", chunk_size: Optional[int] = None) -> torch.Tensor:
+    """Functional SMI loss; see :class:`SMILoss` and the module docstring for the formula. Returns a float32 scalar."""
+    check_choice(transform, VALID_TRANSFORMS, "transform")
+    check_choice(backend, VALID_BACKENDS, "backend")
+    check_embeddings(za, zb, "smi_loss")
+    if eps <= 0 and transform == "mi":
+        raise ValueError(f"eps must be > 0 for transform='mi' (φ is unbounded at |ρ| = 1 otherwise), got {eps}")
+    if gather:
+        za, zb = gather_with_grad(za), gather_with_grad(zb)
+    if backend == "auto":
+        backend = "triton" if za.is_cuda and _triton_usable(za) else "torch"
+    if backend == "triton":
+        if not _triton_usable(za):
+            raise ValueError(
+                "backend='triton' needs CUDA tensors and Triton installed (or, for testing on CPU, TRITON_INTERPRET=1 "
+                "set before smi_timm.kernels is imported); use backend='torch' or 'auto' otherwise"
+            )
+        kernels = _load_kernels()
+        return kernels.smi_loss_triton(za, zb, neg_weight=neg_weight, eps=eps, transform=transform)
+    return smi_loss_reference(za, zb, neg_weight=neg_weight, eps=eps, transform=transform, chunk_size=chunk_size)
+
+
+class SMILoss(nn.Module):
+    """Semantic Mutual Information loss (our reading of arXiv 2606.08332).
+
+    ``L = −(1/N)·Σ_i φ(ρ_ii) + neg_weight·(1/(N(N−1)))·Σ_{i≠j} φ(ρ_ij)`` with ``ρ = â·b̂ᵀ/D`` the N×N matrix of
+    Pearson correlations between the row-standardised embeddings of the two views and
+    ``φ(ρ) = ½·log(1+ε) − ½·log(1+ε−min(ρ², 1))`` (``transform="mi"``) or ``½·ρ²`` (``transform="square"``).
+
+    Args:
+        neg_weight: weight of the mean off-diagonal dependency (the independence term).
+        eps: smoothing ε of the Gaussian MI map; bounds φ by ½·log(1+1/ε).
+        transform: ``"mi"`` (default) or ``"square"`` (ablation).
+        gather: all-gather both views across ranks (with gradients) and compute the loss on the global batch.
+        backend: ``"auto"`` (Triton on CUDA, torch otherwise), ``"torch"`` or ``"triton"``.
+        chunk_size: rows of ρ per chunk for the torch backend (``None``: automatic).
+
+    Shapes: ``za``, ``zb``: ``(N, D)`` floating tensors, N ≥ 2, D ≥ 2. Output: float32 scalar.
+    """
+
+    def __init__(self, neg_weight: float = 1.0, eps: float = 1e-3, transform: str = "mi", gather: bool = False,
+                 backend: str = "auto", chunk_size: Optional[int] = None):
+        super().__init__()
+        self.neg_weight = float(neg_weight)
+        self.eps = float(eps)
+        self.transform = check_choice(transform, VALID_TRANSFORMS, "transform")
+        self.gather = bool(gather)
+        self.backend = check_choice(backend, VALID_BACKENDS, "backend")
+        self.chunk_size = chunk_size
+        if self.transform == "mi" and self.eps <= 0:
+            raise ValueError(f"eps must be > 0 for transform='mi', got {eps}")
+
+    def forward(self, za: torch.Tensor, zb: torch.Tensor) -> torch.Tensor:
+        return smi_loss(za, zb, neg_weight=self.neg_weight, eps=self.eps, transform=self.transform,
+                        gather=self.gather, backend=self.backend, chunk_size=self.chunk_size)
+
+    def extra_repr(self) -> str:
+        return (f"neg_weight={self.neg_weight}, eps={self.eps}, transform={self.transform!r}, gather={self.gather}, "
+                f"backend={self.backend!r}")

@@ -1,0 +1,60 @@
+"""VICReg loss (Bardes, Ponce & LeCun, 2022): variance, invariance and covariance terms.
+
+For embeddings ``za``, ``zb`` of shape ``(N, D)``:
+
+- invariance: ``s = mean((za − zb)²)``  (mean squared error over all entries)
+- variance: ``v = ½·[mean_j relu(1 − sqrt(Var(za_j) + 1e-4)) + mean_j relu(1 − sqrt(Var(zb_j) + 1e-4))]``
+  (unbiased variance over the batch, per feature j)
+- covariance: ``c = Σ_{i≠j} C(za)_ij² / D + Σ_{i≠j} C(zb)_ij² / D`` with ``C(z) = (z − z̄)ᵀ(z − z̄)/(N − 1)``
+
+``L = sim_coeff·s + std_coeff·v + cov_coeff·c`` (defaults 25, 25, 1 as in the paper). With ``gather=True`` all terms
+use the all-gathered global batch, as in the official implementation.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ._common import check_embeddings, gather_with_grad
+
+__all__ = ["VICRegLoss", "vicreg_loss"]
+
+
+def _off_diagonal_sq_sum(m: torch.Tensor) -> torch.Tensor:
+    return m.pow(2).sum() - torch.diagonal(m).pow(2).sum()
+
+
+def vicreg_loss(za: torch.Tensor, zb: torch.Tensor, sim_coeff: float = 25.0, std_coeff: float = 25.0,
+                cov_coeff: float = 1.0, gather: bool = False) -> torch.Tensor:
+    """Functional VICReg loss; see the module docstring. Returns a float32 scalar."""
+    check_embeddings(za, zb, "vicreg_loss")
+    if gather:
+        za, zb = gather_with_grad(za), gather_with_grad(zb)
+    x, y = za.float(), zb.float()
+    n, d = x.shape
+    repr_loss = F.mse_loss(x, y)
+    x = x - x.mean(0, keepdim=True)
+    y = y - y.mean(0, keepdim=True)
+    std_x = torch.sqrt(x.var(0) + 1e-4)
+    std_y = torch.sqrt(y.var(0) + 1e-4)
+    std_loss = F.relu(1 - std_x).mean() / 2 + F.relu(1 - std_y).mean() / 2
+    cov_x = x.t() @ x / (n - 1)
+    cov_y = y.t() @ y / (n - 1)
+    cov_loss = _off_diagonal_sq_sum(cov_x) / d + _off_diagonal_sq_sum(cov_y) / d
+    return sim_coeff * repr_loss + std_coeff * std_loss + cov_coeff * cov_loss
+
+
+class VICRegLoss(nn.Module):
+    """VICReg: ``sim_coeff·invariance + std_coeff·variance + cov_coeff·covariance`` (see the module docstring)."""
+
+    def __init__(self, sim_coeff: float = 25.0, std_coeff: float = 25.0, cov_coeff: float = 1.0, gather: bool = False):
+        super().__init__()
+        self.sim_coeff, self.std_coeff, self.cov_coeff = float(sim_coeff), float(std_coeff), float(cov_coeff)
+        self.gather = bool(gather)
+
+    def forward(self, za: torch.Tensor, zb: torch.Tensor) -> torch.Tensor:
+        return vicreg_loss(za, zb, self.sim_coeff, self.std_coeff, self.cov_coeff, gather=self.gather)
+
+    def extra_repr(self) -> str:
+        return f"sim_coeff={self.sim_coeff}, std_coeff={self.std_coeff}, cov_coeff={self.cov_coeff}, gather={self.gather}"
