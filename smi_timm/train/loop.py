@@ -44,6 +44,7 @@ class TrainResult:
     curve_png: Optional[Path]
     final_knn: Optional[Dict[str, float]]
     images_per_s: float
+    model: Optional[torch.nn.Module] = None  # the trained SSLModel (unwrapped from DDP)
 
 
 class _StopFlag:
@@ -221,8 +222,7 @@ def train(cfg: TrainConfig, accelerator=None,
     run_config = {
         "model": cfg.model, "projector": unwrapped.projector_spec, "cifar_stem": cfg.cifar_stem,
         "timm_kwargs": dict(cfg.model_kwargs or {}), "image_size": cfg.image_size,
-        "mean": list(getattr(loader, "mean", (0.485, 0.456, 0.406))),
-        "std": list(getattr(loader, "std", (0.229, 0.224, 0.225))),
+        "mean": list(loader.augment.mean), "std": list(loader.augment.std),
         "loss": {"name": cfg.loss, **{k: v for k, v in loss_kwargs.items() if k != "backend"}},
         "recipe": {**cfg.to_dict(), "global_batch": global_batch, "total_steps": total_steps,
                    "steps_per_epoch": steps_per_epoch, "num_processes": accelerator.num_processes},
@@ -365,7 +365,7 @@ def train(cfg: TrainConfig, accelerator=None,
     accelerator.wait_for_everyone()
     return TrainResult(run_dir=run_dir, step=step, total_steps=total_steps, status=status, last_checkpoint=last_ckpt,
                        export_dir=export_dir, metrics_path=run_dir / "metrics.jsonl", curve_png=curve,
-                       final_knn=final_knn, images_per_s=images_per_s)
+                       final_knn=final_knn, images_per_s=images_per_s, model=unwrapped)
 
 
 def log_with_tracker(accelerator) -> bool:
