@@ -9,12 +9,7 @@ from importlib import import_module as _import_module
 __version__ = "0.1.0"
 
 from .models import SSLModel, create_ssl_model  # noqa: E402
-
-try:  # registers smi_resnet18 / smi_resnet50 / smi_vit_small_patch16_224 with timm
-    _import_module(f"{__name__}.models.registry")
-except ModuleNotFoundError as _err:  # pragma: no cover - only while the registry module is absent
-    if _err.name != f"{__name__}.models.registry":
-        raise
+from .models import registry as _registry  # noqa: E402,F401  (registers the smi_* names with timm)
 
 _LAZY = {
     "SMILoss": "smi_timm.losses",
