@@ -160,6 +160,7 @@ def run(args):
         grid_n = [256, 1024] if args.quick else [256, 1024, 4096, 16384]
         grid_d = [2048] if args.quick else [2048, 8192]
     dtypes = ["bf16"] if args.quick else ["bf16", "fp32"]
+    grid_n, grid_d, dtypes = args.n or grid_n, args.d or grid_d, args.dtypes or dtypes
     compile_ok = not args.no_compile
     repeats = 3 if args.quick else args.repeats
 
@@ -284,6 +285,9 @@ def main(argv=None):
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile column")
     p.add_argument("--repeats", type=int, default=5, help="timed repeats on CPU (CUDA: do_bench)")
     p.add_argument("--threads", type=int, default=1, help="CPU threads (default 1: stable on a shared machine)")
+    p.add_argument("--n", type=int, nargs="+", default=None, help="override the batch sizes N of the grid")
+    p.add_argument("--d", type=int, nargs="+", default=None, help="override the embedding widths D of the grid")
+    p.add_argument("--dtypes", nargs="+", default=None, choices=["bf16", "fp32"], help="override the dtypes")
     args = p.parse_args(argv)
 
     device, rows, streaming = run(args)
