@@ -114,6 +114,8 @@ TWO_PROCESS_SCRIPT = textwrap.dedent("""
         digest.update(name.encode()); digest.update(p.detach().cpu().float().numpy().tobytes())
     with open(f"{out}/rank{state.process_index}.json", "w") as f:
         json.dump({"step": res.step, "world": state.num_processes, "params": digest.hexdigest()}, f)
+    state.wait_for_everyone()
+    state.destroy_process_group()
 """)
 
 

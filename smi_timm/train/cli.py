@@ -27,7 +27,8 @@ def run_recipe(defaults: Optional[Dict[str, Any]] = None, argv: Optional[List[st
         return 2
     from accelerate import PartialState
 
-    if PartialState().is_main_process:
+    state = PartialState()
+    if state.is_main_process:
         print(f"{result.status}: step {result.step}/{result.total_steps}")
         print(f"  run directory: {result.run_dir}")
         print(f"  metrics:       {result.metrics_path}")
@@ -39,6 +40,8 @@ def run_recipe(defaults: Optional[Dict[str, Any]] = None, argv: Optional[List[st
             print(f"  curve:         {result.curve_png}")
         if result.final_knn:
             print(f"  kNN top-1:     {result.final_knn['knn_top1']:.2f}%")
+    state.wait_for_everyone()
+    state.destroy_process_group()  # a clean shutdown of the (gloo/NCCL) process group before exit
     return 0
 
 

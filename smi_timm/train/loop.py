@@ -360,9 +360,10 @@ def train(cfg: TrainConfig, accelerator=None,
     metrics.close()
     if is_main:
         curve = _plot_curves(run_dir / "metrics.jsonl", run_dir / "training_curve.png")
-    if log_with_tracker(accelerator):
-        accelerator.end_training()
     accelerator.wait_for_everyone()
+    if log_with_tracker(accelerator):
+        for tracker in accelerator.trackers:  # not end_training(): the caller may still use the process group
+            tracker.finish()
     return TrainResult(run_dir=run_dir, step=step, total_steps=total_steps, status=status, last_checkpoint=last_ckpt,
                        export_dir=export_dir, metrics_path=run_dir / "metrics.jsonl", curve_png=curve,
                        final_knn=final_knn, images_per_s=images_per_s, model=unwrapped)
