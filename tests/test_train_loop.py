@@ -179,3 +179,17 @@ def test_cli_help_lists_everything():
         module = runpy.run_path(str(REPO / "recipes" / script), run_name="recipe")
         text = build_parser(module["DEFAULTS"], description=module["__doc__"]).format_help()
         assert all(flag in text for flag in flags), script
+
+
+def test_grad_accumulation_and_knn_monitor(tmp_path):
+    res = train(tiny_config(tmp_path / "accum", grad_accum=2, max_steps=2, save_every=1, log_every=1,
+                            eval_train=["sample:train"], eval_test=["sample:test"], eval_every=1, eval_k=20))
+    assert res.status == "finished" and res.step == 2
+    rows = [json.loads(line) for line in res.metrics_path.read_text().splitlines()]
+    train_rows = [r for r in rows if "loss" in r]
+    knn_rows = [r for r in rows if "knn_top1" in r]
+    assert [r["step"] for r in train_rows] == [1, 2]  # optimiser steps, not micro-batches
+    assert train_rows[-1]["epoch"] == pytest.approx(4 * 16 / 64)  # 4 micro-batches of 16 out of 64 samples
+    assert [r["step"] for r in knn_rows] == [1, 2]  # every step, and once at the end
+    assert all(10.0 <= r["knn_top1"] <= 100.0 for r in knn_rows)
+    assert res.final_knn["knn_top1"] == knn_rows[-1]["knn_top1"]
