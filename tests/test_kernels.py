@@ -18,6 +18,7 @@ triton = pytest.importorskip("triton")
 
 from smi_timm.kernels import smi_dense_peak_bytes, smi_loss_triton, smi_streaming_peak_bytes  # noqa: E402
 from smi_timm.kernels import smi as smi_mod  # noqa: E402
+from references import reference_loss  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 if DEVICE == "cpu" and not smi_mod.K.INTERPRET:
@@ -32,20 +33,6 @@ REL_L2 = {torch.float32: 1e-4, torch.float16: 2e-2}
 # ------------------------------------------------------------------------------------------------------------------
 # independent float64 reference of the formula (autograd for the gradients)
 # ------------------------------------------------------------------------------------------------------------------
-def reference_loss(za, zb, neg_weight=1.0, eps=1e-3, transform="mi"):
-    a, b = za.double(), zb.double()
-
-    def std(x):
-        return (x - x.mean(1, keepdim=True)) / torch.sqrt(x.var(1, unbiased=False, keepdim=True) + 1e-6)
-
-    n, d = a.shape
-    rho = std(a) @ std(b).t() / d
-    if transform == "mi":
-        phi = 0.5 * math.log(1 + eps) - 0.5 * torch.log(1 + eps - torch.clamp(rho * rho, max=1.0))
-    else:
-        phi = 0.5 * rho * rho
-    eye = torch.eye(n, dtype=torch.bool, device=rho.device)
-    return -phi[eye].sum() / n + neg_weight * phi[~eye].sum() / (n * (n - 1))
 
 
 def reference_with_grads(za, zb, scale=1.0, **kw):

@@ -1,7 +1,6 @@
 """Fused Triton SMI kernels on a CUDA device: fp32 / fp16 / bf16 against float64 references, streaming at larger N,
 the memory model, autotuning and torch.compile. Skipped without CUDA (tests/test_kernels.py covers the CPU
 interpreter)."""
-import math
 
 import pytest
 import torch
@@ -16,6 +15,7 @@ triton = pytest.importorskip("triton")
 from smi_timm.kernels import smi_loss_triton, smi_streaming_peak_bytes  # noqa: E402
 from smi_timm.kernels import smi as smi_mod  # noqa: E402
 from smi_timm.kernels._memory import default_block_rows  # noqa: E402
+from references import reference_loss  # noqa: E402
 
 DEVICE = "cuda"
 # Liger-Kernel's fp32 / fp16 tolerances. bf16 keeps 8 mantissa bits (relative rounding 2^-9 = 2e-3 on every
@@ -37,20 +37,6 @@ def _ieee_fp32():
     torch.set_float32_matmul_precision(old)
 
 
-def reference_loss(za, zb, neg_weight=1.0, eps=1e-3, transform="mi"):
-    a, b = za.double(), zb.double()
-
-    def std(x):
-        return (x - x.mean(1, keepdim=True)) / torch.sqrt(x.var(1, unbiased=False, keepdim=True) + 1e-6)
-
-    n, d = a.shape
-    rho = std(a) @ std(b).t() / d
-    if transform == "mi":
-        phi = 0.5 * math.log(1 + eps) - 0.5 * torch.log(1 + eps - torch.clamp(rho * rho, max=1.0))
-    else:
-        phi = 0.5 * rho * rho
-    eye = torch.eye(n, dtype=torch.bool, device=rho.device)
-    return -phi[eye].sum() / n + neg_weight * phi[~eye].sum() / (n * (n - 1))
 
 
 def reference_with_grads(za, zb, **kw):

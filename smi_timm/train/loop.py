@@ -154,7 +154,7 @@ def _plot_curves(metrics_path: Path, out_png: Path) -> Optional[Path]:
     return out_png
 
 
-def _export(model, cfg: TrainConfig, run_dir: Path, run_config: Dict[str, Any]) -> Optional[Path]:
+def _export(model, run_dir: Path, run_config: Dict[str, Any]) -> Path:
     from ..export import export_backbone
 
     out = run_dir / "export"
@@ -356,7 +356,7 @@ def train(cfg: TrainConfig, accelerator=None,
         if cfg.eval_train and cfg.eval_test:
             final_knn = _run_monitor(accelerator, unwrapped, cfg, device, step, metrics)
         if is_main and cfg.export:
-            export_dir = _export(unwrapped, cfg, run_dir, run_config)
+            export_dir = _export(unwrapped, run_dir, run_config)
     metrics.close()
     if is_main:
         curve = _plot_curves(run_dir / "metrics.jsonl", run_dir / "training_curve.png")
