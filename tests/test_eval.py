@@ -87,6 +87,16 @@ def test_linear_probe_separable_and_chance():
     assert again == acc  # seeded
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_linear_probe_on_cuda_matches_cpu():
+    # CPU features probed on the GPU: the seeded initial weights and batch order are drawn on the CPU for any device
+    xtr, ytr = _blobs(1000, spread=2.0)
+    xte, yte = _blobs(300, spread=2.0, seed=3)
+    cpu = train_linear_probe(xtr, ytr, xte, yte, epochs=3, batch_size=256, progress=False)
+    gpu = train_linear_probe(xtr, ytr, xte, yte, epochs=3, batch_size=256, progress=False, device="cuda")
+    assert gpu["top1"] == pytest.approx(cpu["top1"], abs=1.0)
+
+
 def test_feature_cache_roundtrip(tmp_path):
     clear_memory_cache()
     feats = (torch.randn(5, 3), torch.arange(5), torch.randn(2, 3), torch.arange(2))

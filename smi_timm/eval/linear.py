@@ -75,9 +75,8 @@ def _train(train_feats, train_labels, test_feats, test_labels, num_classes, epoc
     if num_classes is None:
         num_classes = int(max(y_train.max().item(), y_test.max().item())) + 1
     n, dim = x_train.shape
-    gen = torch.Generator().manual_seed(seed)
-    weight = torch.zeros(num_classes, dim, device=device)
-    torch.nn.init.normal_(weight, std=0.01, generator=gen)
+    gen = torch.Generator().manual_seed(seed)  # on the CPU: the same initial weights on every device
+    weight = torch.empty(num_classes, dim).normal_(0.0, 0.01, generator=gen).to(device)
     weight.requires_grad_(True)
     bias = torch.zeros(num_classes, device=device, requires_grad=True)
     opt = torch.optim.SGD([{"params": [weight], "weight_decay": weight_decay},
