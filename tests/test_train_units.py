@@ -89,3 +89,14 @@ def test_parser_has_every_field_and_recipe_defaults():
         parse_kv(["img_size"])
     with pytest.raises(ValueError, match="unknown loss 'simclr'"):
         TrainConfig(loss="simclr").loss_kwargs()
+
+
+def test_optional_numeric_flags_accept_none():
+    from smi_timm.train.config import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["--lr-biases", "none"]).lr_biases is None  # LARS: biases at the weights' rate
+    assert parser.parse_args(["--lr-biases", "0.01"]).lr_biases == 0.01
+    assert parser.parse_args(["--max-steps", "None"]).max_steps is None
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--lr-biases", "fast"])

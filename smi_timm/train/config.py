@@ -12,6 +12,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
+from ..losses.smi import DEFAULT_EPS, DEFAULT_NEG_WEIGHT
+
 __all__ = ["TrainConfig", "build_parser", "config_from_args", "parse_kv"]
 
 
@@ -42,8 +44,8 @@ class TrainConfig:
     # loss
     loss: str = _f("smi", "smi, barlow or vicreg")
     transform: str = _f("mi", "SMI dependency map: mi (Gaussian MI) or square (ablation)")
-    neg_weight: float = _f(1.0, "SMI weight of the mean off-diagonal dependency")
-    eps: float = _f(1e-3, "SMI smoothing epsilon")
+    neg_weight: float = _f(DEFAULT_NEG_WEIGHT, "SMI weight of the mean off-diagonal dependency")
+    eps: float = _f(DEFAULT_EPS, "SMI smoothing epsilon")
     gather: bool = _f(False, "compute the loss on the global batch (all-gather with gradients)")
     lambd: float = _f(0.0051, "Barlow Twins off-diagonal weight")
     sim_coeff: float = _f(25.0, "VICReg invariance weight")
@@ -115,6 +117,16 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+def _optional(base):
+    """An argparse type for an Optional[int/float] field: ``none`` gives None (e.g. ``--lr-biases none``)."""
+
+    def parse(value: str):
+        return None if value.strip().lower() == "none" else base(value)
+
+    parse.__name__ = base.__name__  # argparse names the type in its error messages
+    return parse
+
+
 def build_parser(defaults: Optional[Dict[str, Any]] = None, description: str = "",
                  prog: Optional[str] = None) -> argparse.ArgumentParser:
     """An argparse parser with one flag per :class:`TrainConfig` field; ``defaults`` override the field defaults."""
@@ -137,7 +149,8 @@ def build_parser(defaults: Optional[Dict[str, Any]] = None, description: str = "
             kwargs["nargs"] = meta["nargs"]
         else:
             t = str(f.type)
-            kwargs["type"] = int if "int" in t else float if "float" in t else str
+            base = int if "int" in t else float if "float" in t else str
+            kwargs["type"] = _optional(base) if "Optional" in t and base is not str else base
         parser.add_argument(_flag(f.name), **kwargs)
     return parser
 
