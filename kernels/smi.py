@@ -322,7 +322,9 @@ def _validate(za, zb, transform, eps, block_rows):
         raise ValueError(f"block_rows must be a positive int, got {block_rows!r}")
 
 
-def smi_loss_triton(za: torch.Tensor, zb: torch.Tensor, neg_weight: float = 1.0, eps: float = 1e-3,
+# Defaults: the library's (smi_timm.losses.smi.DEFAULT_NEG_WEIGHT / DEFAULT_EPS; kernels import nothing from the
+# library, tests/test_kernels.py checks that they agree).
+def smi_loss_triton(za: torch.Tensor, zb: torch.Tensor, neg_weight: float = 64.0, eps: float = 1e-3,
                     transform: str = "mi", streaming: Optional[bool] = None,
                     block_rows: Optional[int] = None) -> torch.Tensor:
     """SMI loss of two (N, D) embeddings with the fused Triton kernels; returns an fp32 scalar, differentiable.

@@ -3,8 +3,10 @@ import math
 
 import torch
 
+from smi_timm.losses.smi import DEFAULT_EPS, DEFAULT_NEG_WEIGHT  # the library's default values only, no code
 
-def reference_loss(za, zb, neg_weight=1.0, eps=1e-3, transform="mi"):
+
+def reference_loss(za, zb, neg_weight=DEFAULT_NEG_WEIGHT, eps=DEFAULT_EPS, transform="mi"):
     a, b = za.double(), zb.double()
 
     def std(x):

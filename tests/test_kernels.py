@@ -393,3 +393,12 @@ def test_kernels_compile_for_sm90(tmp_path):
     env = dict(os.environ, TRITON_INTERPRET="0", TRITON_CACHE_DIR=str(tmp_path / "cache"))
     proc = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0 and "compiled" in proc.stdout, proc.stderr[-4000:]
+
+
+def test_defaults_match_the_library():
+    import inspect
+
+    from smi_timm.losses.smi import DEFAULT_EPS, DEFAULT_NEG_WEIGHT
+
+    params = inspect.signature(smi_loss_triton).parameters
+    assert (params["neg_weight"].default, params["eps"].default) == (DEFAULT_NEG_WEIGHT, DEFAULT_EPS)

@@ -6,12 +6,13 @@ import torch
 
 from smi_timm.losses import (BarlowTwinsLoss, SMILoss, VICRegLoss, barlow_twins_loss, create_loss, smi_loss,
                              smi_loss_reference, vicreg_loss)
+from smi_timm.losses.smi import DEFAULT_EPS, DEFAULT_NEG_WEIGHT
 
 # fp32 computation checked against a float64 computation of the same formula.
 ATOL, RTOL = 1e-5, 1e-4
 
 
-def smi_float64(za, zb, neg_weight=1.0, eps=1e-3, transform="mi"):
+def smi_float64(za, zb, neg_weight=DEFAULT_NEG_WEIGHT, eps=DEFAULT_EPS, transform="mi"):
     """The SMI formula, written independently of the library, element by element where cheap."""
     a, b = za.double(), zb.double()
     n, d = a.shape
@@ -117,7 +118,7 @@ def test_smi_near_degenerate_inputs(case):
     loss = smi_loss(za, zb, backend="torch")
     assert torch.isfinite(loss)
     if case in ("same", "negated", "identical_rows"):
-        ceiling = 0.5 * math.log((1 + 1e-3) / 1e-3)
+        ceiling = 0.5 * math.log((1 + DEFAULT_EPS) / DEFAULT_EPS)
         assert -loss.item() <= ceiling + 1e-5
 
 

@@ -51,7 +51,14 @@ from torch.utils.checkpoint import checkpoint
 
 from ._common import VALID_BACKENDS, VALID_TRANSFORMS, check_choice, check_embeddings, gather_with_grad
 
-__all__ = ["SMILoss", "smi_loss", "smi_loss_reference", "standardize_rows", "dependency_matrix", "phi"]
+__all__ = ["SMILoss", "smi_loss", "smi_loss_reference", "standardize_rows", "dependency_matrix", "phi",
+           "DEFAULT_NEG_WEIGHT", "DEFAULT_EPS"]
+
+# Library defaults of the two hyper-parameters, chosen by the neg_weight x eps sweep of the comparison harness on a
+# validation split of CIFAR-10 training images (docs/RESULTS.md, "SMI defaults"). They are tuning values, not part
+# of the definition above; every function takes them as arguments.
+DEFAULT_NEG_WEIGHT = 64.0
+DEFAULT_EPS = 1e-3
 
 ROW_STD_EPS = 1e-6
 # Default row-chunk: keep one ρ chunk at most 2^24 float32 entries (64 MiB).
@@ -66,7 +73,7 @@ def standardize_rows(x: torch.Tensor, dtype: torch.dtype = torch.float32) -> tor
     return (x - mean) / torch.sqrt(var + ROW_STD_EPS)
 
 
-def phi(rho: torch.Tensor, eps: float = 1e-3, transform: str = "mi") -> torch.Tensor:
+def phi(rho: torch.Tensor, eps: float = DEFAULT_EPS, transform: str = "mi") -> torch.Tensor:
     """The dependency map φ(ρ) applied elementwise (see the module docstring)."""
     if transform == "mi":
         # ½·log(1+ε) − ½·log(1+ε−min(ρ²,1)), written with log1p for accuracy near ρ = 0.
@@ -77,7 +84,8 @@ def phi(rho: torch.Tensor, eps: float = 1e-3, transform: str = "mi") -> torch.Te
     raise AssertionError("unreachable")
 
 
-def dependency_matrix(za: torch.Tensor, zb: torch.Tensor, eps: float = 1e-3, transform: str = "mi") -> torch.Tensor:
+def dependency_matrix(za: torch.Tensor, zb: torch.Tensor, eps: float = DEFAULT_EPS,
+                      transform: str = "mi") -> torch.Tensor:
     """The full N×N dependency matrix φ(ρ) (for analysis and plots; the loss never needs it whole)."""
     check_embeddings(za, zb, "dependency_matrix")
     a, b = standardize_rows(za), standardize_rows(zb)
@@ -94,8 +102,8 @@ def _chunk_terms(a_chunk: torch.Tensor, b: torch.Tensor, row0: torch.Tensor, eps
     return dep.sum(), diag.sum()
 
 
-def smi_loss_reference(za: torch.Tensor, zb: torch.Tensor, neg_weight: float = 1.0, eps: float = 1e-3,
-                       transform: str = "mi", chunk_size: Optional[int] = None,
+def smi_loss_reference(za: torch.Tensor, zb: torch.Tensor, neg_weight: float = DEFAULT_NEG_WEIGHT,
+                       eps: float = DEFAULT_EPS, transform: str = "mi", chunk_size: Optional[int] = None,
                        compute_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The SMI loss in plain PyTorch (autograd), chunked over rows of ρ.
 
@@ -157,8 +165,9 @@ def _triton_usable(z: torch.Tensor) -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1" and importlib.util.find_spec("triton") is not None
 
 
-def smi_loss(za: torch.Tensor, zb: torch.Tensor, neg_weight: float = 1.0, eps: float = 1e-3, transform: str = "mi",
-             gather: bool = False, backend: str = "auto", chunk_size: Optional[int] = None) -> torch.Tensor:
+def smi_loss(za: torch.Tensor, zb: torch.Tensor, neg_weight: float = DEFAULT_NEG_WEIGHT, eps: float = DEFAULT_EPS,
+             transform: str = "mi", gather: bool = False, backend: str = "auto",
+             chunk_size: Optional[int] = None) -> torch.Tensor:
     """Functional SMI loss; see :class:`SMILoss` and the module docstring for the formula. Returns a float32 scalar."""
     check_choice(transform, VALID_TRANSFORMS, "transform")
     check_choice(backend, VALID_BACKENDS, "backend")
@@ -188,8 +197,9 @@ class SMILoss(nn.Module):
     ``φ(ρ) = ½·log(1+ε) − ½·log(1+ε−min(ρ², 1))`` (``transform="mi"``) or ``½·ρ²`` (``transform="square"``).
 
     Args:
-        neg_weight: weight of the mean off-diagonal dependency (the independence term).
-        eps: smoothing ε of the Gaussian MI map; bounds φ by ½·log(1+1/ε).
+        neg_weight: weight of the mean off-diagonal dependency (the independence term). Default 64, the best of
+            {1, 4, 16, 64, 256} in the CIFAR-10 sweep of docs/RESULTS.md (ResNet-18, 1024-d projector, batch 128).
+        eps: smoothing ε of the Gaussian MI map; bounds φ by ½·log(1+1/ε). Default 1e-3, from the same sweep.
         transform: ``"mi"`` (default) or ``"square"`` (ablation).
         gather: all-gather both views across ranks (with gradients) and compute the loss on the global batch.
         backend: ``"auto"`` (Triton on CUDA, torch otherwise), ``"torch"`` or ``"triton"``.
@@ -198,8 +208,8 @@ class SMILoss(nn.Module):
     Shapes: ``za``, ``zb``: ``(N, D)`` floating tensors, N ≥ 2, D ≥ 2. Output: float32 scalar.
     """
 
-    def __init__(self, neg_weight: float = 1.0, eps: float = 1e-3, transform: str = "mi", gather: bool = False,
-                 backend: str = "auto", chunk_size: Optional[int] = None):
+    def __init__(self, neg_weight: float = DEFAULT_NEG_WEIGHT, eps: float = DEFAULT_EPS, transform: str = "mi",
+                 gather: bool = False, backend: str = "auto", chunk_size: Optional[int] = None):
         super().__init__()
         self.neg_weight = float(neg_weight)
         self.eps = float(eps)
