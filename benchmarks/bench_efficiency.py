@@ -45,8 +45,11 @@ def _peak_mb(device):
 
 
 def measure(kind: str, loss_name: str, dim: int, batch: int, model_name: str, cifar_stem: bool, image_size: int,
-            repeats: int, device: str) -> dict:
-    """One measurement in this process: median time (ms) over ``repeats`` after one warm-up, peak memory (MiB)."""
+            repeats: int, device: str, amp: str = "no") -> dict:
+    """One measurement in this process: median time (ms) over ``repeats`` after warm-up, peak memory (MiB).
+
+    ``amp="bf16"`` runs the model forward under ``torch.autocast`` (CUDA), as ``--mixed-precision bf16`` training does.
+    """
     from smi_timm.losses import create_loss
     from smi_timm.models import create_ssl_model
     from smi_timm.train.optim import build_optimizer
@@ -67,17 +70,21 @@ def measure(kind: str, loss_name: str, dim: int, batch: int, model_name: str, ci
         x = torch.randn(2 * batch, 3, image_size, image_size, device=dev)
 
         def run():
-            _, emb = model(x)
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp == "bf16"):
+                _, emb = model(x)
             loss = loss_fn(*emb.chunk(2))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
     _sync(dev)
-    if dev.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated() / 2 ** 20 if dev.type == "cuda" else _peak_mb(dev)
-    run()  # warm-up
+    for _ in range(3 if dev.type == "cuda" else 1):  # warm-up (CUDA: cuDNN algorithm choice, Triton autotuning)
+        run()
     _sync(dev)
+    if dev.type == "cuda":
+        # steady state: the autotuner's one-off timing buffers (Triton allocates a 256 MB cache-flush buffer) and
+        # the first step's optimizer-state allocation are not part of what a training step needs
+        torch.cuda.reset_peak_memory_stats()
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
@@ -85,7 +92,7 @@ def measure(kind: str, loss_name: str, dim: int, batch: int, model_name: str, ci
         _sync(dev)
         times.append((time.perf_counter() - t0) * 1e3)
     ms = statistics.median(times)
-    out = {"kind": kind, "loss": loss_name, "dim": dim, "batch": batch, "ms": round(ms, 2),
+    out = {"kind": kind, "loss": loss_name, "dim": dim, "batch": batch, "amp": amp, "ms": round(ms, 2),
            "peak_extra_mib": round(_peak_mb(dev) - base, 1)}
     if kind == "step":
         out["images_per_s"] = round(batch / (ms / 1e3), 2)
@@ -111,6 +118,8 @@ def main(argv=None) -> int:
     p.add_argument("--image-size", type=int, default=32)
     p.add_argument("--repeats", type=int, default=3, help="timed repeats per measurement (median)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--amp", choices=["no", "bf16"], default="no",
+                   help="bf16: model forward of the training step under autocast (CUDA)")
     p.add_argument("--quick", action="store_true", help="smoke run: batch 32, width 256, 1 repeat")
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/efficiency_<device>.json)")
     p.add_argument("--_one", default=None, help=argparse.SUPPRESS)
@@ -125,7 +134,7 @@ def main(argv=None) -> int:
         for kind in ("loss", "step"):
             for loss in args.losses:
                 spec = [kind, loss, dim, args.batch, args.model, args.cifar_stem, args.image_size, args.repeats,
-                        args.device]
+                        args.device, args.amp]
                 res = _in_subprocess(spec) if args.device == "cpu" else measure(*spec)
                 rows.append(res)
                 print(json.dumps(res), flush=True)
@@ -154,7 +163,7 @@ def main(argv=None) -> int:
     table = "\n".join(lines)
     print()
     print(f"{date.today()}, {platform.processor() or platform.machine()}, device {args.device}, torch "
-          f"{torch.__version__}, batch {args.batch}, threads {torch.get_num_threads()}")
+          f"{torch.__version__}, batch {args.batch}, amp {args.amp}, threads {torch.get_num_threads()}")
     print(table)
     out = Path(args.out or Path(__file__).parent / "results" / f"efficiency_{args.device}.json")
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -6,8 +6,11 @@ warmup epochs then cosine, 200 epochs, online kNN monitor on the test split ever
 --eval-every). Without --data it trains on the small CIFAR-10 sample bundled with the package.
 
     accelerate launch recipes/pretrain_cifar10.py \\
-        --data 'cifar10/train-{000000..000004}.tar.gz' --eval-train 'cifar10/train-{000000..000004}.tar.gz' \\
-        --eval-test cifar10/test-000000.tar.gz --eval-every 1000 --output-dir runs/cifar10_smi
+        --data 'cifar10/train-{000000..000004}.tar.gz' --epoch-samples 50000 \\
+        --eval-train 'cifar10/train-{000000..000004}.tar.gz' --eval-test cifar10/test-000000.tar.gz \\
+        --eval-every 1000 --output-dir runs/cifar10_smi
+
+(``--epoch-samples`` is needed only when the shards have no JSON index, i.e. were not written by smi-make-shards.)
 
 Use ``--loss barlow`` or ``--loss vicreg`` for the baselines, ``--model`` for any other timm backbone.
 """
