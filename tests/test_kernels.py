@@ -223,13 +223,13 @@ def test_deterministic():
 def test_no_grad_skips_h():
     za, zb = pair(17, 20, seed=2)
     with torch.no_grad():
-        loss = smi_loss_triton(za, zb)
+        loss = smi_loss_triton(za, zb, neg_weight=1.0, eps=1e-3)
     out = torch.ops.smi_timm.smi_loss_fwd(za, zb, 1.0, 1e-3, "mi", False, 17, False)
     assert out[5].numel() == 0
     out_g = torch.ops.smi_timm.smi_loss_fwd(za, zb, 1.0, 1e-3, "mi", False, 17, True)
     assert out_g[5].shape == (17, 17) and torch.all(out_g[5].diagonal() == 0)
     torch.testing.assert_close(loss, out_g[0])
-    torch.testing.assert_close(loss.double(), reference_loss(za, zb), **TOL[torch.float32])
+    torch.testing.assert_close(loss.double(), reference_loss(za, zb, neg_weight=1.0, eps=1e-3), **TOL[torch.float32])
 
 
 def test_only_one_input_requires_grad():
