@@ -169,7 +169,7 @@ def main(argv=None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"date": str(date.today()), "device": args.device, "torch": torch.__version__,
                                "threads": torch.get_num_threads(), "args": {k: v for k, v in vars(args).items()
-                                                                            if k != "_one"},
+                                                                            if k not in ("_one", "out")},
                                "rows": rows, "table": table}, indent=2))
     print(f"wrote {out}")
     return 0
