@@ -12,7 +12,7 @@ continues where it stopped):
 - ``smi``:   SMI ``neg_weight`` × ``eps`` grid at the same short budget and the selected SMI learning rate;
              selection on the same validation split.
 - ``smi-lr``: SMI at the selected neg_weight / eps and the grid neighbours of its selected learning rate (the lr
-             phase ran at the library defaults, and the two interact); SMI's final settings are the best
+             phase ran at neg_weight 1, eps 1e-3, and the two interact); SMI's final settings are the best
              validation run of ``smi`` and ``smi-lr``.
 - ``investigate``: the selected SMI and Barlow Twins settings with projectors 512-512 and 2048-2048 (does the
              width explain a gap?); reported, never used for selection.
@@ -190,7 +190,7 @@ def _best_smi(records, lr, steps) -> Dict[str, float]:
 
 def _smi_choice(records, steps) -> Tuple[float, Dict[str, float]]:
     """SMI's final (lr, extra): the best validation run of the ``neg_weight`` x ``eps`` sweep and of the
-    learning-rate re-check at the chosen pair; the lr phase's choice at library defaults if neither has run."""
+    learning-rate re-check at the chosen pair; the lr phase's choice (no extra settings) if neither has run."""
     cands = [r for r in records if _is_smi_sweep(r) and r["steps"] == steps]
     if not cands:
         return _best_lr(records, "smi", steps), {}
@@ -219,7 +219,7 @@ def _val_records(args) -> List[Dict[str, Any]]:
 
 def phase_smi_lr(args, preset, splits):
     """Re-check SMI's learning rate at the chosen neg_weight / eps: the grid neighbours of the lr phase's choice,
-    which was made at the library defaults (the two interact)."""
+    which was made at neg_weight 1, eps 1e-3 (the two interact)."""
     val, steps = _val_records(args), preset["sweep_steps"]
     lr0 = _best_lr(val, "smi", steps)
     extra = _best_smi(val, lr0, steps)
@@ -308,7 +308,8 @@ def phase_report(args, preset):
         for nw in preset["neg_weights"]:
             cells = []
             for eps in preset["epss"]:
-                r = [x for x in smi_sweep if x["lr"] == lr0 and x["extra"] == {"neg_weight": float(nw), "eps": float(eps)}]
+                pair = {"neg_weight": float(nw), "eps": float(eps)}
+                r = [x for x in smi_sweep if x["lr"] == lr0 and x["extra"] == pair]
                 cells.append(f"{r[0]['val_knn_top1']:.2f}" if r else "–")
             lines.append(f"| {nw} | " + " | ".join(cells) + " |")
         recheck = sorted((x for x in smi_sweep if x["lr"] != lr0), key=lambda x: x["lr"])

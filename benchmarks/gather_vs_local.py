@@ -24,8 +24,11 @@ import time
 from datetime import date
 from pathlib import Path
 
+import torch
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import compare_methods as harness  # noqa: E402
+from smi_timm.eval import run_knn  # noqa: E402
 
 
 def _free_port() -> int:
@@ -76,8 +79,6 @@ def main(argv=None) -> int:
                "--no-progress", "--save-every", str(steps), "--keep-last", "1", "--output-dir", str(run_dir),
                "--data", *splits["train"]]
         env = dict(os.environ, OMP_NUM_THREADS="1")
-        import torch
-
         if not torch.cuda.is_available():
             env["ACCELERATE_USE_CPU"] = "1"
         t0 = time.perf_counter()
@@ -85,8 +86,6 @@ def main(argv=None) -> int:
         train_s = time.perf_counter() - t0
         if proc.returncode != 0:
             raise SystemExit(f"{mode} run failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
-        from smi_timm.eval import run_knn
-
         knn = run_knn(str(run_dir / "export"), splits["val_bank"], splits["val_query"], workers=1, progress=False,
                       quiet=True)
         record = dict(mode=mode, processes=nproc, batch_per_process=per_rank, lr=lr, extra=extra, steps=steps,
