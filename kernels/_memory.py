@@ -1,76 +1,39 @@
-"""Memory model of the fused SMI loss (pure Python, importable without Triton)."""
+"""Memory model of the fused SMI loss (pure Python, importable without Triton).
+
+The model adds up the buffers the implementation allocates, from the same layout code (:func:`._plan.layout`), so
+it is exact by construction: the peak of a forward + backward is reached in the backward, when every buffer below
+is alive at once (b = s_c bytes per compute-dtype element: 2 for fp16 / bf16 inputs, else 4; s_in = bytes per
+input element; Dp = D and Np = N rounded up to a multiple of 16; T_m = T_n = ceil(N / BLOCK) tiles of the rho
+kernel, S its split-K factor; R = min(block_rows, N)):
+
+    ws_c   b * (2 N Dp [+ N Np in non-streaming mode])            ahat, bhat [, H]
+    ws_f   4 * (15 Np + 2 T_n Np + 2 T_m Np + ceil16(T_m T_n)       row vectors, row / column partial sums,
+                [+ S N Np if S > 1] + ceil16(1 + T_m + T_n [+ T_m T_n if S > 1]))   loss partials, split-K, counters
+    loss + the unit gradient of loss.backward()                    2 x 4 bytes
+    dza, dzb                                                       2 N D s_in
+    streaming only: one H block b R Np, and, when R < N, the fp32 accumulator of H.T @ ahat 4 N Dp
+
+Each buffer is rounded up to the CUDA caching allocator's 512-byte granule. (The allocator may hand a buffer larger
+than 1 MiB up to 1 MiB more when the rest of its segment is too small to split; the check in
+tests/test_kernels_cuda.py allows for that.)
+"""
+from typing import Optional
+
 import torch
 
-# Non-streaming mode keeps the N x N matrix H in the compute dtype; above this size the loss streams by default.
-STREAM_THRESHOLD_BYTES = 256 * 1024 * 1024
-# Default size of one streamed (block_rows x N) H block.
-DEFAULT_BLOCK_BYTES = 64 * 1024 * 1024
+from ._plan import KernelConfig, default_block_rows, peak_bytes, should_stream
+
+__all__ = ["smi_dense_peak_bytes", "smi_streaming_peak_bytes", "default_block_rows", "should_stream"]
 
 
-def compute_dtype(*dtypes):
-    """Operand dtype of the tl.dot calls: fp16 / bf16 when every input has that dtype, else fp32."""
-    if all(d == torch.float16 for d in dtypes):
-        return torch.float16
-    if all(d == torch.bfloat16 for d in dtypes):
-        return torch.bfloat16
-    return torch.float32
+def smi_streaming_peak_bytes(N: int, D: int, block_rows: int, dtype: torch.dtype, *,
+                             config: Optional[KernelConfig] = None) -> int:
+    """Peak bytes allocated by ``smi_loss_triton(za, zb, streaming=True, block_rows=block_rows)`` plus
+    ``loss.backward()`` on top of the inputs (``dtype``: the dtype of ``za`` and ``zb``; ``neg_weight != 0``; the
+    default heuristic tiles, or ``config``). Formula in the module docstring and in docs/kernels.md."""
+    return peak_bytes(N, D, dtype, True, block_rows, config)
 
 
-def _cdiv(a, b):
-    return -(-a // b)
-
-
-def _size(dtype):
-    return torch.empty((), dtype=dtype).element_size()
-
-
-def default_block_rows(n, dtype):
-    """Rows per streamed block: the (block_rows x N) H block fits in DEFAULT_BLOCK_BYTES, multiple of 128."""
-    s_c = _size(compute_dtype(dtype))
-    rows = DEFAULT_BLOCK_BYTES // max(1, n * s_c)
-    rows = max(128, (rows // 128) * 128)
-    return int(min(rows, n))
-
-
-def should_stream(n, dtype):
-    return n * n * _size(compute_dtype(dtype)) > STREAM_THRESHOLD_BYTES
-
-
-def smi_streaming_peak_bytes(N, D, block_rows, dtype):
-    """Peak bytes allocated by ``smi_loss_triton(..., streaming=True, block_rows=block_rows)`` over forward + backward,
-    on top of the inputs (``dtype``: the dtype of ``za`` and ``zb``).
-
-    The peak is reached in the backward pass; the buffers alive then are (s_c = 2 for fp16/bf16 inputs, else 4;
-    s_in = element size of the inputs; R = min(block_rows, N)):
-
-        2*N*D*s_c      standardised rows ahat, bhat (saved by the forward)
-      + 24*N           per-row mean / inverse std of both inputs and phi(rho_ii), phi'(rho_ii) (fp32)
-      + 2*N*D*s_in     the returned gradients d za, d zb
-      + 4*N*D          fp32 accumulator of H^T @ ahat
-      + R*N*s_c        one block of H (recomputed)
-      + 4*R*D          fp32 H_block @ bhat
-
-    The forward holds only 2*N*D*s_c + 24*N plus a 4*ceil(R/32)*ceil(N/32) byte buffer of loss partial sums (always
-    less). The CUDA caching allocator rounds every buffer up to a multiple of 512 bytes.
-    """
-    N, D = int(N), int(D)
-    R = min(int(block_rows), N)
-    s_c = _size(compute_dtype(dtype))
-    s_in = _size(dtype)
-    saved = 2 * N * D * s_c + 24 * N
-    fwd = saved + 4 * _cdiv(R, 32) * _cdiv(N, 32)
-    bwd = saved + 2 * N * D * s_in + 4 * N * D + R * N * s_c + 4 * R * D
-    return max(fwd, bwd)
-
-
-def smi_dense_peak_bytes(N, D, dtype):
-    """Peak bytes of the non-streaming mode (same conventions as :func:`smi_streaming_peak_bytes`).
-
-        backward: 2*N*D*s_c + 24*N + N*N*s_c (H) + 2*N*D*s_in + 4*N*D (one fp32 gradient product at a time)
-        forward:  2*N*D*s_c + 24*N + N*N*s_c + 4*ceil(N/32)**2 (loss partial sums)
-    """
-    N, D = int(N), int(D)
-    s_c = _size(compute_dtype(dtype))
-    s_in = _size(dtype)
-    saved = 2 * N * D * s_c + 24 * N + N * N * s_c
-    return max(saved + 4 * _cdiv(N, 32) ** 2, saved + 2 * N * D * s_in + 4 * N * D)
+def smi_dense_peak_bytes(N: int, D: int, dtype: torch.dtype, *, config: Optional[KernelConfig] = None) -> int:
+    """Peak bytes of the non-streaming mode (same conventions as :func:`smi_streaming_peak_bytes`)."""
+    return peak_bytes(N, D, dtype, False, N, config)

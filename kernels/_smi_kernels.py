@@ -1,17 +1,21 @@
-"""Triton kernels of the fused SMI loss.
+"""Triton kernels of the fused SMI loss (launched from :mod:`.smi`; design and algebra in docs/kernels.md).
 
-Four kernels (launched from :mod:`.smi`):
+Three kernels, three launches per forward + backward in non-streaming mode:
 
-* ``_standardize_kernel``  one program per row: per-row mean and inverse std of ``za`` and ``zb`` (fp32), the
-  standardised rows written in the compute dtype, and the diagonal correlation rho_ii computed in fp32 together with
-  phi(rho_ii) and phi'(rho_ii).
-* ``_rho_tile_kernel``     one program per (BLOCK_M x BLOCK_N) tile of rho = ahat @ bhat.T / D (tl.dot, fp32
-  accumulation) with a fused epilogue: phi of the off-diagonal entries reduced to one partial sum per program, and
-  H = c * phi'(rho) (zero on the diagonal) written in the compute dtype.
-* ``_gemm_kernel``         C (+)= A @ B with fp32 output, arbitrary strides (used for H @ bhat and H.T @ ahat when the
-  Triton gradient-product backend is selected).
-* ``_std_bwd_kernel``      one program per row: backward of the row standardisation, fused with the assembly of the
-  gradient w.r.t. the standardised row (off-diagonal product + diagonal term).
+* ``_standardize_kernel``  ROWS rows per program: per-row mean and inverse std of ``za`` and ``zb`` (fp32), the
+  standardised rows written in the compute dtype, the fp32 diagonal correlation rho_ii with phi(rho_ii) and
+  phi'(rho_ii), and the row sums of the stored and of the fp32 standardised rows. Program 0 also zeroes the tile
+  counters of the workspace.
+* ``_rho_kernel``          one program per (BLOCK_M x BLOCK_N) tile of rho = ahat @ bhat.T / D (or per split of
+  its D reduction) with a fused epilogue: phi of the off-diagonal entries summed into one partial per tile,
+  H = c * phi'(rho) (zero on the diagonal) stored in the compute dtype, and the four row / column sums the
+  standardisation backward needs (sum_j H_ij sb_j, sum_j H_ij rho_ij and their column twins). Cross-program
+  reductions are deterministic: partials are written to the workspace, and the last program to finish a tile row,
+  a tile column or the whole matrix (an int32 counter, reset after use) adds them in a fixed order. That program
+  also writes the loss.
+* ``_grad_kernel``         the two gradient products H @ bhat and H.T @ ahat in one launch (programs
+  [0, tiles_a) do side a, the rest side b), with the standardisation backward, the diagonal term and the upstream
+  gradient applied in the epilogue: dz is written directly in the input dtype.
 
 Every load is cast to fp32 right after ``tl.load``; only the ``tl.dot`` operands stay in the compute dtype.
 """
@@ -21,56 +25,27 @@ import triton.language as tl
 # Variance floor of the row standardisation (part of the loss definition).
 STD_EPS = 1e-6
 
-TRANSFORM_MI = 0
-TRANSFORM_SQUARE = 1
-
 INTERPRET = bool(triton.knobs.runtime.interpret)
 
+# Chunk of the fixed-order final reductions.
+RED_BLOCK = tl.constexpr(1024)
 
-# ------------------------------------------------------------------------------------------------------------------
-# autotune configurations
-# ------------------------------------------------------------------------------------------------------------------
-# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages); every block dim is >= 32 so no tl.dot ever sees a dim < 16.
-_TILE_CONFIGS = [
-    (128, 128, 64, 8, 3),
-    (128, 128, 32, 4, 4),
-    (128, 64, 64, 4, 4),
-    (64, 128, 64, 4, 4),
-    (64, 64, 64, 4, 4),
-    (64, 64, 32, 2, 4),
-    (32, 32, 64, 2, 3),
-    (32, 32, 32, 2, 2),
-]
-# The smallest tile of the list: the loss partial-sum buffer is sized for it.
-MIN_BLOCK = 32
-# One large configuration used under TRITON_INTERPRET=1 (the interpreter pays per program and per K step).
-INTERPRET_TILE = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8)
-INTERPRET_GEMM = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8)
-
-
-def _np2(x):
-    return triton.next_power_of_2(max(int(x), 1))
-
-
-def _configs():
-    return [
-        triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8}, num_warps=w, num_stages=s)
-        for (m, n, k, w, s) in _TILE_CONFIGS
-    ]
-
-
-def _prune(m_arg, n_arg, k_arg):
-    """Drop configurations whose blocks are larger than needed for the problem (the 32^3 one always survives)."""
-
-    def prune(configs, named_args, **kwargs):
-        lim_m = max(MIN_BLOCK, _np2(named_args[m_arg]))
-        lim_n = max(MIN_BLOCK, _np2(named_args[n_arg]))
-        lim_k = max(MIN_BLOCK, _np2(named_args[k_arg]))
-        kept = [c for c in configs
-                if c.kwargs["BLOCK_M"] <= lim_m and c.kwargs["BLOCK_N"] <= lim_n and c.kwargs["BLOCK_K"] <= lim_k]
-        return kept or [configs[-1]]
-
-    return {"early_config_prune": prune}
+# Row vectors of the fp32 workspace (index * Np); order of _plan.ROW_VECTORS.
+V_MEAN_A = tl.constexpr(0)
+V_RSTD_A = tl.constexpr(1)
+V_MEAN_B = tl.constexpr(2)
+V_RSTD_B = tl.constexpr(3)
+V_PHI_D = tl.constexpr(4)
+V_DPHI_D = tl.constexpr(5)
+V_RHO_D = tl.constexpr(6)
+V_SUM_A = tl.constexpr(7)
+V_SUM_B = tl.constexpr(8)
+V_SUM_A32 = tl.constexpr(9)
+V_SUM_B32 = tl.constexpr(10)
+V_RA_SB = tl.constexpr(11)
+V_RA_RHO = tl.constexpr(12)
+V_RB_SA = tl.constexpr(13)
+V_RB_RHO = tl.constexpr(14)
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -102,17 +77,41 @@ def _phi_dphi(rho, eps, log1p_eps, TRANSFORM: tl.constexpr):
     return phi, dphi
 
 
+@triton.jit
+def _phi(rho, eps, log1p_eps, TRANSFORM: tl.constexpr):
+    if TRANSFORM == 0:
+        return 0.5 * (log1p_eps - _log1p(eps - tl.minimum(rho * rho, 1.0)))
+    else:
+        return 0.5 * rho * rho
+
+
+@triton.jit
+def _dphi(rho, eps, TRANSFORM: tl.constexpr):
+    if TRANSFORM == 0:
+        r2 = rho * rho
+        return tl.where(r2 < 1.0, rho / (1.0 + eps - r2), 0.0)
+    else:
+        return rho
+
+
+@triton.jit
+def _counters(wsf_ptr, off_cnt):
+    return (wsf_ptr + off_cnt).to(tl.pointer_type(tl.int32), bitcast=True)
+
+
 # ------------------------------------------------------------------------------------------------------------------
 # row standardisation (+ diagonal correlation)
 # ------------------------------------------------------------------------------------------------------------------
-@triton.jit
+@triton.jit(do_not_specialize=["N"])
 def _standardize_kernel(
-    za_ptr, zb_ptr, ahat_ptr, bhat_ptr, stats_ptr, diag_ptr,
-    N, D, s_am, s_ad, s_bm, s_bd, eps, log1p_eps, inv_D,
+    za_ptr, zb_ptr, wsc_ptr, wsf_ptr,
+    N, D, Dp, Np, s_am, s_ad, s_bm, s_bd, off_bhat, off_cnt, n_cnt,
+    eps, log1p_eps, inv_D,
     TRANSFORM: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """ROWS rows per program; loops over D in BLOCK_D chunks (three passes: mean, centred variance, write)."""
-    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    pid = tl.program_id(0)
+    rows = pid * ROWS + tl.arange(0, ROWS)
     row_ok = rows < N
     rows64 = rows.to(tl.int64)
     offs = tl.arange(0, BLOCK_D)
@@ -123,9 +122,8 @@ def _standardize_kernel(
     acc_a = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
     acc_b = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
-        cols = d0 + offs
-        cols64 = cols.to(tl.int64)
-        msk = row_ok[:, None] & (cols < D)[None, :]
+        cols64 = (d0 + offs).to(tl.int64)
+        msk = row_ok[:, None] & ((d0 + offs) < D)[None, :]
         acc_a += tl.load(a_rows + cols64[None, :] * s_ad, mask=msk, other=0.0).to(tl.float32)
         acc_b += tl.load(b_rows + cols64[None, :] * s_bd, mask=msk, other=0.0).to(tl.float32)
     mean_a = tl.sum(acc_a, axis=1) * inv_D
@@ -135,9 +133,8 @@ def _standardize_kernel(
     acc_a = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
     acc_b = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
-        cols = d0 + offs
-        cols64 = cols.to(tl.int64)
-        msk = row_ok[:, None] & (cols < D)[None, :]
+        cols64 = (d0 + offs).to(tl.int64)
+        msk = row_ok[:, None] & ((d0 + offs) < D)[None, :]
         xa = tl.load(a_rows + cols64[None, :] * s_ad, mask=msk, other=0.0).to(tl.float32)
         xb = tl.load(b_rows + cols64[None, :] * s_bd, mask=msk, other=0.0).to(tl.float32)
         xa = tl.where(msk, xa - mean_a[:, None], 0.0)
@@ -147,9 +144,14 @@ def _standardize_kernel(
     r_a = 1.0 / tl.sqrt_rn(tl.sum(acc_a, axis=1) * inv_D + 1e-6)
     r_b = 1.0 / tl.sqrt_rn(tl.sum(acc_b, axis=1) * inv_D + 1e-6)
 
-    # pass 3: standardised rows (compute dtype) and the fp32 diagonal correlation
+    # pass 3: standardised rows (compute dtype; zero in the padding columns D..Dp), the fp32 diagonal correlation
+    # and the row sums of the stored (rounded) and of the fp32 standardised rows
     acc_d = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
-    for d0 in range(0, D, BLOCK_D):
+    acc_a = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
+    acc_b = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
+    acc_a32 = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
+    acc_b32 = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
+    for d0 in range(0, Dp, BLOCK_D):
         cols = d0 + offs
         cols64 = cols.to(tl.int64)
         msk = row_ok[:, None] & (cols < D)[None, :]
@@ -157,183 +159,300 @@ def _standardize_kernel(
         xb = tl.load(b_rows + cols64[None, :] * s_bd, mask=msk, other=0.0).to(tl.float32)
         ha = tl.where(msk, (xa - mean_a[:, None]) * r_a[:, None], 0.0)
         hb = tl.where(msk, (xb - mean_b[:, None]) * r_b[:, None], 0.0)
-        out = rows64[:, None] * D + cols[None, :]
-        tl.store(ahat_ptr + out, ha.to(ahat_ptr.dtype.element_ty), mask=msk)
-        tl.store(bhat_ptr + out, hb.to(bhat_ptr.dtype.element_ty), mask=msk)
+        ha_c = ha.to(wsc_ptr.dtype.element_ty)
+        hb_c = hb.to(wsc_ptr.dtype.element_ty)
+        out = rows64[:, None] * Dp + cols64[None, :]
+        st = row_ok[:, None] & (cols < Dp)[None, :]
+        tl.store(wsc_ptr + out, ha_c, mask=st)
+        tl.store(wsc_ptr + off_bhat + out, hb_c, mask=st)
         acc_d += ha * hb
+        acc_a += ha_c.to(tl.float32)
+        acc_b += hb_c.to(tl.float32)
+        acc_a32 += ha
+        acc_b32 += hb
     rho = tl.sum(acc_d, axis=1) * inv_D
     phi, dphi = _phi_dphi(rho, eps, log1p_eps, TRANSFORM)
 
-    tl.store(stats_ptr + rows, mean_a, mask=row_ok)
-    tl.store(stats_ptr + N + rows, r_a, mask=row_ok)
-    tl.store(stats_ptr + 2 * N + rows, mean_b, mask=row_ok)
-    tl.store(stats_ptr + 3 * N + rows, r_b, mask=row_ok)
-    tl.store(diag_ptr + rows, phi, mask=row_ok)
-    tl.store(diag_ptr + N + rows, dphi, mask=row_ok)
+    vec = wsf_ptr + rows
+    tl.store(vec + V_MEAN_A * Np, mean_a, mask=row_ok)
+    tl.store(vec + V_RSTD_A * Np, r_a, mask=row_ok)
+    tl.store(vec + V_MEAN_B * Np, mean_b, mask=row_ok)
+    tl.store(vec + V_RSTD_B * Np, r_b, mask=row_ok)
+    tl.store(vec + V_PHI_D * Np, phi, mask=row_ok)
+    tl.store(vec + V_DPHI_D * Np, dphi, mask=row_ok)
+    tl.store(vec + V_RHO_D * Np, rho, mask=row_ok)
+    tl.store(vec + V_SUM_A * Np, tl.sum(acc_a, axis=1), mask=row_ok)
+    tl.store(vec + V_SUM_B * Np, tl.sum(acc_b, axis=1), mask=row_ok)
+    tl.store(vec + V_SUM_A32 * Np, tl.sum(acc_a32, axis=1), mask=row_ok)
+    tl.store(vec + V_SUM_B32 * Np, tl.sum(acc_b32, axis=1), mask=row_ok)
+
+    # the tile counters of the rho kernel start at zero (the kernel resets each one after its last use)
+    if pid == 0:
+        cnt = _counters(wsf_ptr, off_cnt)
+        zoffs = tl.arange(0, RED_BLOCK)
+        for c0 in range(0, n_cnt, RED_BLOCK):
+            tl.store(cnt + c0 + zoffs, tl.zeros([RED_BLOCK], dtype=tl.int32), mask=(c0 + zoffs) < n_cnt)
 
 
 # ------------------------------------------------------------------------------------------------------------------
-# rho tiles with the fused phi / phi' epilogue
+# rho tiles with the fused phi / phi' / row-sum / loss epilogue
 # ------------------------------------------------------------------------------------------------------------------
 @triton.jit
-def _rho_tile_kernel_impl(
-    a_ptr, b_ptr, h_ptr, part_ptr,
-    M, N, D, row_offset, eps, log1p_eps, inv_D, h_scale,
-    TRANSFORM: tl.constexpr, WRITE_H: tl.constexpr, COMPUTE_LOSS: tl.constexpr, DOT_PREC: tl.constexpr,
+def _ordered_sum(ptrs, ok, n_parts, stride):
+    """sum_{t < n_parts} ptrs[t * stride] in the order t = 0, 1, ... (loads bypass L1: other programs wrote them)."""
+    s = tl.zeros(ptrs.shape, dtype=tl.float32)
+    for t in range(0, n_parts):
+        s += tl.load(ptrs + t * stride, mask=ok, other=0.0, cache_modifier=".cg")
+    return s
+
+
+@triton.jit
+def _finish_loss(wsf_ptr, loss_ptr, N, Np, n_parts, off_lpart, inv_N, coef_off, HAS_OFF: tl.constexpr):
+    """loss = -sum_i phi(rho_ii) / N + coef_off * sum_t partial_t, both sums fp64 in a fixed order."""
+    offs = tl.arange(0, RED_BLOCK)
+    diag = tl.zeros([RED_BLOCK], dtype=tl.float64)
+    for i0 in range(0, N, RED_BLOCK):
+        v = tl.load(wsf_ptr + V_PHI_D * Np + i0 + offs, mask=(i0 + offs) < N, other=0.0, cache_modifier=".cg")
+        diag += v.to(tl.float64)
+    loss = -tl.sum(diag, axis=0) * inv_N
+    if HAS_OFF:
+        off = tl.zeros([RED_BLOCK], dtype=tl.float64)
+        for t0 in range(0, n_parts, RED_BLOCK):
+            v = tl.load(wsf_ptr + off_lpart + t0 + offs, mask=(t0 + offs) < n_parts, other=0.0,
+                        cache_modifier=".cg")
+            off += v.to(tl.float64)
+        loss += tl.sum(off, axis=0) * coef_off
+    tl.store(loss_ptr, loss.to(tl.float32))
+
+
+@triton.jit(do_not_specialize=["M", "N", "row0", "write_h", "do_sums", "do_loss"])
+def _rho_kernel(
+    wsc_ptr, wsf_ptr, h_ptr, loss_ptr,
+    M, N, D, Dp, Np, row0,
+    off_bhat, off_h, off_rowpart, off_colpart, off_lpart, off_split, off_cnt,
+    write_h, do_sums, do_loss,
+    eps, log1p_eps, inv_D, h_scale, inv_N, coef_off,
+    TRANSFORM: tl.constexpr, HAS_OFF: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+):
+    """Rows [row0, row0 + M) of rho against all N columns. H (when ``write_h``) is (M, Np) row-major at
+    ``h_ptr + off_h`` with block-local rows. The row / column sums (``do_sums``) and the loss (``do_loss``) need
+    row0 = 0 and M = N. Without an off-diagonal term (HAS_OFF false) one program writes the loss."""
+    if not HAS_OFF:
+        _finish_loss(wsf_ptr, loss_ptr, N, Np, 0, off_lpart, inv_N, coef_off, False)
+    else:
+        pid = tl.program_id(0)
+        num_m = tl.cdiv(M, BLOCK_M)
+        num_n = tl.cdiv(N, BLOCK_N)
+        tile = pid // SPLIT_K
+        ks = pid % SPLIT_K
+        # grouped ordering: consecutive tiles share the same column panel of bhat (L2 reuse)
+        group = GROUP_M * num_n
+        first_m = (tile // group) * GROUP_M
+        size_m = tl.minimum(num_m - first_m, GROUP_M)
+        pid_m = first_m + ((tile % group) % size_m)
+        pid_n = (tile % group) // size_m
+
+        lrows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # block-local row index
+        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        rows = lrows + row0  # global row index
+        row_ok = lrows < M
+        col_ok = cols < N
+        valid = row_ok[:, None] & col_ok[None, :]
+        lrows64 = lrows.to(tl.int64)
+        cols64 = cols.to(tl.int64)
+
+        k_steps = tl.cdiv(tl.cdiv(D, BLOCK_K), SPLIT_K)
+        k_lo = ks * k_steps * BLOCK_K
+        k_hi = tl.minimum(D, k_lo + k_steps * BLOCK_K)
+        ar_k = tl.arange(0, BLOCK_K)
+        a_ptrs = wsc_ptr + rows.to(tl.int64)[:, None] * Dp + (k_lo + ar_k)[None, :]
+        b_ptrs = wsc_ptr + off_bhat + cols64[None, :] * Dp + (k_lo + ar_k)[:, None]
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for k0 in range(k_lo, k_hi, BLOCK_K):
+            k_ok = (k0 + ar_k) < k_hi
+            a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            b = tl.load(b_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+            acc = tl.dot(a, b, acc, input_precision=DOT_PREC)
+            a_ptrs += BLOCK_K
+            b_ptrs += BLOCK_K
+
+        cnt = _counters(wsf_ptr, off_cnt)
+        tm_all = tl.cdiv(N, BLOCK_M)
+        is_last = True
+        if SPLIT_K > 1:
+            # split-K: every program stores its fp32 partial product; the last one of the tile adds them in order
+            # partial of split ks at rows ks * N + lrows of an (SPLIT_K * N, Np) buffer (int64 offsets)
+            sp = wsf_ptr + off_split + (lrows64[:, None] + ks * N) * Np + cols64[None, :]
+            tl.store(sp, acc, mask=valid)
+            tl.debug_barrier()
+            arrived = tl.atomic_add(cnt + 1 + tm_all + num_n + tile, 1, sem="acq_rel", scope="gpu")
+            is_last = arrived == SPLIT_K - 1
+        if is_last:
+            if SPLIT_K > 1:
+                acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+                for s in range(0, SPLIT_K):
+                    sp = wsf_ptr + off_split + (lrows64[:, None] + s * N) * Np + cols64[None, :]
+                    acc += tl.load(sp, mask=valid, other=0.0, cache_modifier=".cg")
+                tl.store(cnt + 1 + tm_all + num_n + tile, 0)
+            # epilogue, ordered to keep few (BLOCK_M x BLOCK_N) temporaries alive at once
+            rho = acc * inv_D
+            off = valid & (rows[:, None] != cols[None, :])
+            if do_loss != 0:
+                part = tl.sum(tl.sum(tl.where(off, _phi(rho, eps, log1p_eps, TRANSFORM), 0.0), axis=1), axis=0)
+                tl.store(wsf_ptr + off_lpart + tile, part)
+            h = tl.where(off, _dphi(rho, eps, TRANSFORM) * h_scale, 0.0).to(wsc_ptr.dtype.element_ty)
+            if write_h != 0:
+                # columns N..Np are padding: written as zeros
+                tl.store(h_ptr + off_h + lrows64[:, None] * Np + cols64[None, :], h,
+                         mask=row_ok[:, None] & (cols < Np)[None, :])
+            if do_sums != 0:
+                hf = h.to(tl.float32)  # the values the gradient products will read
+                sb = tl.load(wsf_ptr + V_SUM_B * Np + cols, mask=col_ok, other=0.0)
+                rp = wsf_ptr + off_rowpart + pid_n * Np + rows
+                tl.store(rp, tl.sum(hf * sb[None, :], axis=1), mask=row_ok)
+                sa = tl.load(wsf_ptr + V_SUM_A * Np + rows, mask=row_ok, other=0.0)
+                cp = wsf_ptr + off_colpart + pid_m * Np + cols
+                tl.store(cp, tl.sum(hf * sa[:, None], axis=0), mask=col_ok)
+                hr = hf * rho
+                tl.store(rp + num_n * Np, tl.sum(hr, axis=1), mask=row_ok)
+                tl.store(cp + num_m * Np, tl.sum(hr, axis=0), mask=col_ok)
+                tl.debug_barrier()
+                done_r = tl.atomic_add(cnt + 1 + pid_m, 1, sem="acq_rel", scope="gpu")
+                if done_r == num_n - 1:  # last tile of this tile row: sum_j over all column tiles, in order
+                    base = wsf_ptr + off_rowpart + rows
+                    tl.store(wsf_ptr + V_RA_SB * Np + rows, _ordered_sum(base, row_ok, num_n, Np), mask=row_ok)
+                    tl.store(wsf_ptr + V_RA_RHO * Np + rows, _ordered_sum(base + num_n * Np, row_ok, num_n, Np),
+                             mask=row_ok)
+                    tl.store(cnt + 1 + pid_m, 0)
+                done_c = tl.atomic_add(cnt + 1 + tm_all + pid_n, 1, sem="acq_rel", scope="gpu")
+                if done_c == num_m - 1:  # last tile of this tile column
+                    base = wsf_ptr + off_colpart + cols
+                    tl.store(wsf_ptr + V_RB_SA * Np + cols, _ordered_sum(base, col_ok, num_m, Np), mask=col_ok)
+                    tl.store(wsf_ptr + V_RB_RHO * Np + cols, _ordered_sum(base + num_m * Np, col_ok, num_m, Np),
+                             mask=col_ok)
+                    tl.store(cnt + 1 + tm_all + pid_n, 0)
+            if do_loss != 0:
+                tl.debug_barrier()
+                done = tl.atomic_add(cnt, 1, sem="acq_rel", scope="gpu")
+                if done == num_m * num_n - 1:  # last tile of all: the loss
+                    _finish_loss(wsf_ptr, loss_ptr, N, Np, num_m * num_n, off_lpart, inv_N, coef_off, True)
+                    tl.store(cnt, 0)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# gradient products with the standardisation backward in the epilogue
+# ------------------------------------------------------------------------------------------------------------------
+@triton.jit
+def _grad_tile(
+    t, z_ptr, s_zm, s_zd, o_ptr, s_om, s_od, dz_ptr, wsc_ptr, wsf_ptr, h_ptr, acc_ptr, go_ptr,
+    N, D, Dp, Np, M, row0, off_bhat, off_h, b_mode, coef_off, inv_N, inv_D, inv_D2,
+    SIDE: tl.constexpr, HAS_OFF: tl.constexpr, DOT_PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    """Rows [row_offset, row_offset + M) of rho against all N columns; H is (M, N) row-major (block-local rows)."""
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_n = tl.cdiv(N, BLOCK_N)
-    # grouped ordering: consecutive programs share the same column panel of bhat (L2 reuse)
-    group = GROUP_M * num_n
-    first_m = (pid // group) * GROUP_M
-    size_m = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + ((pid % group) % size_m)
-    pid_n = (pid % group) // size_m
+    """One (BLOCK_M rows x BLOCK_N features) tile of dz for side a (SIDE 0: rows row0 + [0, M), product
+    H_blk @ bhat) or side b (SIDE 1: rows [0, N), product H_blk.T @ ahat[row0:row0 + M]).
 
-    lrows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # block-local row index
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rows = lrows + row_offset  # global row index
-    row_ok = lrows < M
-    col_ok = cols < N
-    offs_k = tl.arange(0, BLOCK_K)
-    a_ptrs = a_ptr + rows.to(tl.int64)[:, None] * D + offs_k[None, :]
-    b_ptrs = b_ptr + cols.to(tl.int64)[None, :] * D + offs_k[:, None]
-
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, D, BLOCK_K):
-        k_ok = (k0 + offs_k) < D
-        a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        b = tl.load(b_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-        acc = tl.dot(a, b, acc, input_precision=DOT_PREC)
-        a_ptrs += BLOCK_K
-        b_ptrs += BLOCK_K
-
-    rho = acc * inv_D
-    phi, dphi = _phi_dphi(rho, eps, log1p_eps, TRANSFORM)
-    off = row_ok[:, None] & col_ok[None, :] & (rows[:, None] != cols[None, :])
-    if COMPUTE_LOSS:
-        tl.store(part_ptr + pid, tl.sum(tl.sum(tl.where(off, phi, 0.0), axis=1), axis=0))
-    if WRITE_H:
-        h = tl.where(off, dphi * h_scale, 0.0)
-        h_ptrs = h_ptr + lrows.to(tl.int64)[:, None] * N + cols[None, :]
-        tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
-
-
-# ------------------------------------------------------------------------------------------------------------------
-# C (+)= A @ B, fp32 output
-# ------------------------------------------------------------------------------------------------------------------
-@triton.jit
-def _gemm_kernel_impl(
-    a_ptr, b_ptr, c_ptr, M, P, K,
-    s_am, s_ak, s_bk, s_bp, s_cm, s_cp,
-    ACCUMULATE: tl.constexpr, DOT_PREC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-):
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_n = tl.cdiv(P, BLOCK_N)
-    group = GROUP_M * num_n
-    first_m = (pid // group) * GROUP_M
-    size_m = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + ((pid % group) % size_m)
-    pid_n = (pid % group) // size_m
-
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
-    row_ok = rows < M
-    col_ok = cols < P
-    a_ptrs = a_ptr + rows.to(tl.int64)[:, None] * s_am + offs_k.to(tl.int64)[None, :] * s_ak
-    b_ptrs = b_ptr + offs_k.to(tl.int64)[:, None] * s_bk + cols.to(tl.int64)[None, :] * s_bp
-
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        k_ok = (k0 + offs_k) < K
-        a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        b = tl.load(b_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-        acc = tl.dot(a, b, acc, input_precision=DOT_PREC)
-        a_ptrs += BLOCK_K * s_ak
-        b_ptrs += BLOCK_K * s_bk
-
-    c_ptrs = c_ptr + rows.to(tl.int64)[:, None] * s_cm + cols.to(tl.int64)[None, :] * s_cp
-    c_msk = row_ok[:, None] & col_ok[None, :]
-    if ACCUMULATE:
-        acc += tl.load(c_ptrs, mask=c_msk, other=0.0).to(tl.float32)
-    tl.store(c_ptrs, acc, mask=c_msk)
-
-
-# ------------------------------------------------------------------------------------------------------------------
-# standardisation backward (one side), fused with the diagonal term
-# ------------------------------------------------------------------------------------------------------------------
-@triton.jit
-def _std_bwd_kernel(
-    z_ptr, s_zm, s_zd, zo_ptr, s_om, s_od, stats_ptr, diag_ptr, goff_ptr, s_gm, grad_ptr, dz_ptr,
-    N, M, D, row_offset, side, coef_off, coef_diag, inv_D,
-    HAS_OFF: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
-):
-    """Rows [row_offset, row_offset + M) of dz for one side (side 0: z = za, zo = zb; side 1: the reverse).
-
-    goff holds the off-diagonal product for these M rows (block-local row index), dz is the full (N, D) output.
-    g = go * (coef_off * goff[row] + coef_diag * phi'(rho_ii) * other_hat[row])   (gradient w.r.t. xhat)
-    dz = r * (g - mean(g) - xhat * mean(g * xhat))                                 (xhat = (z - mu) * r, recomputed)
-    """
-    lrows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-    row_ok = lrows < M
-    rows = lrows + row_offset
+    b_mode (side b, streaming over row blocks): 0 = this product is complete; 1 = first block, store it in the
+    fp32 accumulator; 2 = add it to the accumulator; 3 = last block, add the accumulator and finish."""
+    n_out = M if SIDE == 0 else N
+    num_r = tl.cdiv(n_out, BLOCK_M)
+    num_f = tl.cdiv(D, BLOCK_N)
+    group = GROUP_M * num_f
+    first_r = (t // group) * GROUP_M
+    size_r = tl.minimum(num_r - first_r, GROUP_M)
+    pid_r = first_r + ((t % group) % size_r)
+    pid_f = (t % group) // size_r
+    lrows = pid_r * BLOCK_M + tl.arange(0, BLOCK_M)
+    feats = pid_f * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = lrows < n_out
+    f_ok = feats < D
+    msk = row_ok[:, None] & f_ok[None, :]
+    if SIDE == 0:
+        rows = lrows + row0  # global rows of this side's output
+    else:
+        rows = lrows
     rows64 = rows.to(tl.int64)
-    go = tl.load(grad_ptr).to(tl.float32)
-    mu = tl.load(stats_ptr + (2 * side) * N + rows, mask=row_ok, other=0.0)
-    r = tl.load(stats_ptr + (2 * side + 1) * N + rows, mask=row_ok, other=0.0)
-    mu_o = tl.load(stats_ptr + (2 - 2 * side) * N + rows, mask=row_ok, other=0.0)
-    r_o = tl.load(stats_ptr + (3 - 2 * side) * N + rows, mask=row_ok, other=0.0)
-    cd = go * coef_diag * tl.load(diag_ptr + N + rows, mask=row_ok, other=0.0)
-    co = go * coef_off
-    offs = tl.arange(0, BLOCK_D)
-    z_rows = z_ptr + rows64[:, None] * s_zm
-    o_rows = zo_ptr + rows64[:, None] * s_om
-    g_rows = goff_ptr + lrows.to(tl.int64)[:, None] * s_gm
+    feats64 = feats.to(tl.int64)
 
-    sum_g = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
-    sum_gx = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
-    for d0 in range(0, D, BLOCK_D):
-        cols = d0 + offs
-        cols64 = cols.to(tl.int64)
-        msk = row_ok[:, None] & (cols < D)[None, :]
-        x = tl.load(z_rows + cols64[None, :] * s_zd, mask=msk, other=0.0).to(tl.float32)
-        xo = tl.load(o_rows + cols64[None, :] * s_od, mask=msk, other=0.0).to(tl.float32)
-        xhat = tl.where(msk, (x - mu[:, None]) * r[:, None], 0.0)
-        g = cd[:, None] * tl.where(msk, (xo - mu_o[:, None]) * r_o[:, None], 0.0)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    if HAS_OFF:
+        offs_k = tl.arange(0, BLOCK_K)
+        if SIDE == 0:  # sum_j H[i, j] bhat[j, k]; H's padding columns N..Np are zeros: run j to Np (aligned)
+            a_ptrs = h_ptr + off_h + lrows.to(tl.int64)[:, None] * Np + offs_k[None, :]
+            b_ptrs = wsc_ptr + off_bhat + offs_k.to(tl.int64)[:, None] * Dp + feats64[None, :]
+            a_len = Np
+            k_len = N
+            a_step = BLOCK_K
+        else:  # sum_i H[i, j] ahat[row0 + i, k]
+            a_ptrs = h_ptr + off_h + offs_k.to(tl.int64)[None, :] * Np + lrows.to(tl.int64)[:, None]
+            b_ptrs = wsc_ptr + (row0 + offs_k).to(tl.int64)[:, None] * Dp + feats64[None, :]
+            a_len = M
+            k_len = M
+            a_step = BLOCK_K * Np
+        for k0 in range(0, k_len, BLOCK_K):
+            a = tl.load(a_ptrs, mask=row_ok[:, None] & ((k0 + offs_k) < a_len)[None, :], other=0.0)
+            b = tl.load(b_ptrs, mask=((k0 + offs_k) < k_len)[:, None] & f_ok[None, :], other=0.0)
+            acc = tl.dot(a, b, acc, input_precision=DOT_PREC)
+            a_ptrs += a_step
+            b_ptrs += BLOCK_K * Dp
+
+    finish = True
+    if SIDE == 1:
+        c_ptrs = acc_ptr + rows64[:, None] * Dp + feats64[None, :]
+        if b_mode == 1:
+            tl.store(c_ptrs, acc, mask=msk)
+        elif b_mode == 2:
+            tl.store(c_ptrs, acc + tl.load(c_ptrs, mask=msk, other=0.0), mask=msk)
+        elif b_mode == 3:
+            acc += tl.load(c_ptrs, mask=msk, other=0.0)
+        finish = (b_mode == 0) | (b_mode == 3)
+    if finish:
+        # dz = go * r * (g - mean(g) - xhat * mean(g * xhat)),  g = (coef_off * acc + G_ii * other_hat) / D
+        # row vectors of this side / the other side (ROW_VECTORS order: a and b alternate)
+        vec = wsf_ptr + rows
+        mu = tl.load(vec + (V_MEAN_A + 2 * SIDE) * Np, mask=row_ok, other=0.0)
+        r = tl.load(vec + (V_RSTD_A + 2 * SIDE) * Np, mask=row_ok, other=0.0)
+        mu_o = tl.load(vec + (V_MEAN_B - 2 * SIDE) * Np, mask=row_ok, other=0.0)
+        r_o = tl.load(vec + (V_RSTD_B - 2 * SIDE) * Np, mask=row_ok, other=0.0)
+        g_diag = -tl.load(vec + V_DPHI_D * Np, mask=row_ok, other=0.0) * inv_N
+        m1 = g_diag * tl.load(vec + (V_SUM_B32 - SIDE) * Np, mask=row_ok, other=0.0) * inv_D2
+        m2 = g_diag * tl.load(vec + V_RHO_D * Np, mask=row_ok, other=0.0) * inv_D
         if HAS_OFF:
-            g += co * tl.load(g_rows + cols[None, :], mask=msk, other=0.0).to(tl.float32)
-        sum_g += g
-        sum_gx += g * xhat
-    mean_g = tl.sum(sum_g, axis=1) * inv_D
-    mean_gx = tl.sum(sum_gx, axis=1) * inv_D
-
-    for d0 in range(0, D, BLOCK_D):
-        cols = d0 + offs
-        cols64 = cols.to(tl.int64)
-        msk = row_ok[:, None] & (cols < D)[None, :]
-        x = tl.load(z_rows + cols64[None, :] * s_zd, mask=msk, other=0.0).to(tl.float32)
-        xo = tl.load(o_rows + cols64[None, :] * s_od, mask=msk, other=0.0).to(tl.float32)
+            m1 += coef_off * tl.load(vec + (V_RA_SB + 2 * SIDE) * Np, mask=row_ok, other=0.0) * inv_D2
+            m2 += coef_off * tl.load(vec + (V_RA_RHO + 2 * SIDE) * Np, mask=row_ok, other=0.0) * inv_D
+        go = tl.load(go_ptr).to(tl.float32)
+        x = tl.load(z_ptr + rows64[:, None] * s_zm + feats64[None, :] * s_zd, mask=msk, other=0.0).to(tl.float32)
+        xo = tl.load(o_ptr + rows64[:, None] * s_om + feats64[None, :] * s_od, mask=msk, other=0.0).to(tl.float32)
         xhat = (x - mu[:, None]) * r[:, None]
-        g = cd[:, None] * ((xo - mu_o[:, None]) * r_o[:, None])
-        if HAS_OFF:
-            g += co * tl.load(g_rows + cols[None, :], mask=msk, other=0.0).to(tl.float32)
-        dz = r[:, None] * (g - mean_g[:, None] - xhat * mean_gx[:, None])
-        tl.store(dz_ptr + rows64[:, None] * D + cols[None, :], dz.to(dz_ptr.dtype.element_ty), mask=msk)
+        ohat = (xo - mu_o[:, None]) * r_o[:, None]
+        g = (coef_off * acc + g_diag[:, None] * ohat) * inv_D
+        dz = (go * r)[:, None] * (g - m1[:, None] - xhat * m2[:, None])
+        tl.store(dz_ptr + rows64[:, None] * D + feats64[None, :], dz.to(dz_ptr.dtype.element_ty), mask=msk)
 
 
-# Autotuned variants (bypassed under the interpreter, where one large configuration is used).
-_rho_tile_kernel_tuned = triton.autotune(
-    configs=_configs(), key=["M", "N", "D"], prune_configs_by=_prune("M", "N", "D"),
-    reset_to_zero=["part_ptr"],
-)(_rho_tile_kernel_impl)
+@triton.jit(do_not_specialize=["M", "N", "row0", "side_a", "b_mode"])
+def _grad_kernel(
+    za_ptr, zb_ptr, dza_ptr, dzb_ptr, wsc_ptr, wsf_ptr, h_ptr, acc_ptr, go_ptr,
+    N, D, Dp, Np, M, row0, s_am, s_ad, s_bm, s_bd, off_bhat, off_h, side_a, b_mode,
+    coef_off, inv_N, inv_D, inv_D2,
+    HAS_OFF: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """With ``side_a`` = 1, programs [0, tiles_a) compute tiles of dza (rows row0 + [0, M)); the others (the grid
+    decides whether there are any) compute tiles of dzb (all N rows)."""
+    pid = tl.program_id(0)
+    tiles_a = side_a * tl.cdiv(M, BLOCK_M) * tl.cdiv(D, BLOCK_N)
+    if pid < tiles_a:
+        _grad_tile(pid, za_ptr, s_am, s_ad, zb_ptr, s_bm, s_bd, dza_ptr, wsc_ptr, wsf_ptr, h_ptr, acc_ptr, go_ptr,
+                   N, D, Dp, Np, M, row0, off_bhat, off_h, 0, coef_off, inv_N, inv_D, inv_D2,
+                   0, HAS_OFF, DOT_PREC, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
+    else:
+        _grad_tile(pid - tiles_a, zb_ptr, s_bm, s_bd, za_ptr, s_am, s_ad, dzb_ptr, wsc_ptr, wsf_ptr, h_ptr, acc_ptr,
+                   go_ptr, N, D, Dp, Np, M, row0, off_bhat, off_h, b_mode, coef_off, inv_N, inv_D, inv_D2,
+                   1, HAS_OFF, DOT_PREC, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
 
-_gemm_kernel_tuned = triton.autotune(
-    configs=_configs(), key=["M", "P", "K"], prune_configs_by=_prune("M", "P", "K"),
-    restore_value=["c_ptr"],
-)(_gemm_kernel_impl)
+
+# The kernels the loss launches.
+LAUNCHED = ("_standardize_kernel", "_rho_kernel", "_grad_kernel")

@@ -1,141 +1,275 @@
-"""Fused Triton implementation of the SMI loss, wrapped as a ``torch.library`` custom op.
+"""Fused Triton implementation of the SMI loss: one differentiable op whose only output is the loss.
 
-Public entry point: :func:`smi_loss_triton`. See ``docs/kernels.md`` for the design.
+Public entry points: :func:`smi_loss_triton` and :func:`precompile`. See ``docs/kernels.md`` for the design.
+
+Eager calls go through a ``torch.autograd.Function`` whose forward and backward launch the kernels directly (one
+cached launch plan per shape and option set, five tensor allocations and three kernel launches per forward +
+backward). Under ``torch.compile`` the same functions run behind the opaque custom ops ``smi_timm::smi_loss_fwd`` /
+``smi_timm::smi_loss_bwd`` inside that autograd.Function, so the graph has no break and the residuals stay internal.
 """
+from __future__ import annotations
+
 import math
-import os
-from typing import Optional, Tuple
+import time
+from dataclasses import astuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import triton
 
 from . import _smi_kernels as K
-from ._memory import compute_dtype, default_block_rows, should_stream
+from ._plan import (
+    TRANSFORM_ID,
+    TRANSFORMS,
+    KernelConfig,
+    TileConfig,
+    autotune_tiles,
+    cdiv,
+    compute_dtype,
+    default_block_rows,
+    h_scale,
+    heuristic_config,
+    layout,
+    should_stream,
+)
 
-TRANSFORMS = ("mi", "square")
-_TRANSFORM_ID = {"mi": K.TRANSFORM_MI, "square": K.TRANSFORM_SQUARE}
+INTERPRET = K.INTERPRET
 
-# Backend of the two gradient products H @ bhat and H.T @ ahat (internal flag, documented in docs/kernels.md):
-#   "torch"  - torch.mm / torch.addmm (cuBLAS on CUDA, fp32 output via out_dtype for fp16/bf16 operands)
-#   "triton" - the autotuned Triton GEMM of this package (fp32 output, in-place accumulation when streaming)
-# Override with the environment variable SMI_TRITON_GRAD_GEMM; tests switch it through this module attribute.
-GRAD_GEMM = os.environ.get("SMI_TRITON_GRAD_GEMM", "torch")
-
-# Largest fp16 value we let H reach (2**14 leaves headroom below the fp16 maximum 65504).
-_FP16_H_MAX = 2.0 ** 14
+__all__ = ["smi_loss_triton", "precompile", "INTERPRET", "TRANSFORMS"]
 
 
 # ------------------------------------------------------------------------------------------------------------------
-# helpers
+# launch plan (cached per shape / dtypes / device / options)
 # ------------------------------------------------------------------------------------------------------------------
-def _dot_precision(cdt):
-    if cdt != torch.float32:
-        return "ieee"  # ignored for fp16 / bf16 operands
-    return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+class _Plan:
+    """Everything a forward + backward launches, computed once per key."""
+
+    __slots__ = ("n", "d", "dp", "np_", "cdt", "cfg", "streaming", "rows", "need_grad", "has_off", "lay", "autotune",
+                 "eps", "log1p_eps", "inv_d", "inv_d2", "inv_n", "c", "coef_loss", "coef_grad", "tid", "prec",
+                 "std_grid", "std_meta", "rho_grid", "rho_meta", "write_h", "sums", "grad_meta", "blocks", "f32")
 
 
-def _h_scale(cdt, eps, transform):
-    """Power-of-two factor c with H = c * phi'(rho) representable in the compute dtype.
-
-    |phi'| <= 1/eps for "mi" (|rho| <= 1) and <= ~1 for "square"; only fp16 can overflow.
-    """
-    if cdt != torch.float16:
-        return 1.0
-    bound = (1.0 / eps) if transform == "mi" else 2.0
-    if bound <= _FP16_H_MAX:
-        return 1.0
-    return 2.0 ** math.floor(math.log2(_FP16_H_MAX / bound))
+def _capability(index: int) -> Optional[Tuple[int, int]]:
+    return torch.cuda.get_device_capability(index) if index >= 0 else None
 
 
-def _row_blocks(n, d):
-    """(ROWS, BLOCK_D, num_warps) of the row kernels: about 4K elements per chunk on GPU, 256K under the interpreter
-    (which pays per program)."""
-    budget = 1 << 18 if K.INTERPRET else 1 << 12
-    block_d = max(16, min(triton.next_power_of_2(d), budget // 2))
-    rows = max(2, min(triton.next_power_of_2(n), budget // block_d))
-    return rows, block_d, (8 if rows * block_d >= 4096 else 4)
+def _config_tuple(config: Optional[KernelConfig]) -> Tuple[int, ...]:
+    if config is None:
+        return ()
+    if not isinstance(config, KernelConfig):
+        raise ValueError(f"config must be a smi_timm.kernels.KernelConfig or None, got {type(config).__name__}")
+    return astuple(config.rho) + astuple(config.grad) + (config.rows, config.block_d, config.row_warps)
 
 
-def _launch_rho_tiles(ahat, bhat, h, part, rows, row_offset, eps, h_scale, transform_id, write_h, compute_loss):
-    n, d = bhat.shape
-    args = (ahat, bhat, h, part, rows, n, d, row_offset, eps, math.log1p(eps), 1.0 / d, h_scale)
-    meta = dict(TRANSFORM=transform_id, WRITE_H=write_h, COMPUTE_LOSS=compute_loss,
-                DOT_PREC=_dot_precision(ahat.dtype))
-    if K.INTERPRET:
-        cfg = K.INTERPRET_TILE
-        grid = (triton.cdiv(rows, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
-        K._rho_tile_kernel_impl[grid](*args, **meta, **cfg)
+def _config_from_tuple(t: Sequence[int]) -> Optional[KernelConfig]:
+    if not t:
+        return None
+    t = [int(v) for v in t]
+    return KernelConfig(rho=TileConfig(*t[0:7]), grad=TileConfig(*t[7:14]), rows=t[14], block_d=t[15],
+                        row_warps=t[16])
+
+
+def _validate_options(neg_weight, eps, transform, streaming, block_rows):
+    if transform not in TRANSFORMS:
+        raise ValueError(f"unknown transform {transform!r}; valid values: {', '.join(TRANSFORMS)}")
+    if not isinstance(eps, (int, float)) or (transform == "mi" and not eps > 0):
+        raise ValueError(f"eps must be > 0 for the 'mi' transform, got {eps!r}")
+    if not isinstance(neg_weight, (int, float)) or not math.isfinite(neg_weight):
+        raise ValueError(f"neg_weight must be a finite number, got {neg_weight!r}")
+    if block_rows is not None and (isinstance(block_rows, bool) or not isinstance(block_rows, int) or block_rows < 1):
+        raise ValueError(f"block_rows must be a positive int, got {block_rows!r}")
+    if streaming is not None and not isinstance(streaming, bool):
+        raise ValueError(f"streaming must be None, True or False, got {streaming!r}")
+
+
+def _build_plan(n, d, dta, dtb, dev, neg_weight, eps, transform, streaming, block_rows, allow_tf32, autotune,
+                config, need_grad) -> _Plan:
+    _validate_options(neg_weight, eps, transform, streaming, block_rows)
+    p = _Plan()
+    cdt = compute_dtype(dta, dtb)
+    if streaming is None:
+        streaming = block_rows is not None or should_stream(n, d, cdt)
+    if block_rows is None:
+        block_rows = default_block_rows(n, cdt)
+    cfg = _config_from_tuple(config) or heuristic_config(n, d, cdt, _capability(dev), allow_tf32=allow_tf32,
+                                                         interpret=INTERPRET)
+    p.n, p.d, p.cdt, p.cfg, p.need_grad, p.autotune = n, d, cdt, cfg, need_grad, bool(autotune)
+    p.streaming = bool(streaming)
+    p.rows = min(block_rows, n) if p.streaming else n
+    p.has_off = float(neg_weight) != 0.0
+    p.lay = lay = layout(n, d, cfg, streaming=p.streaming, block_rows=p.rows, need_grad=need_grad,
+                         has_off=p.has_off, autotune=p.autotune)
+    p.dp, p.np_ = lay.dp, lay.np_
+    p.eps, p.log1p_eps = float(eps), math.log1p(float(eps))
+    p.inv_d, p.inv_d2, p.inv_n = 1.0 / d, 1.0 / (d * d), 1.0 / n
+    p.c = h_scale(cdt, float(eps), transform)
+    p.coef_loss = float(neg_weight) / (n * (n - 1))
+    p.coef_grad = p.coef_loss / p.c  # G_ij = coef_grad * H_ij
+    p.tid = TRANSFORM_ID[transform]
+    p.prec = "tf32" if (cdt == torch.float32 and allow_tf32) else "ieee"
+    p.std_grid = (cdiv(n, cfg.rows),)
+    p.std_meta = dict(TRANSFORM=p.tid, ROWS=cfg.rows, BLOCK_D=cfg.block_d, num_warps=cfg.row_warps)
+    p.sums = need_grad and p.has_off
+    p.write_h = p.sums and not p.streaming
+    rho, grad = cfg.rho, cfg.grad
+    p.rho_meta = dict(TRANSFORM=p.tid, HAS_OFF=p.has_off, DOT_PREC=p.prec)
+    p.grad_meta = dict(HAS_OFF=p.has_off, DOT_PREC=p.prec)
+    if not p.autotune:
+        p.rho_meta.update(BLOCK_M=rho.block_m, BLOCK_N=rho.block_n, BLOCK_K=rho.block_k, GROUP_M=rho.group_m,
+                          SPLIT_K=lay.split, num_warps=rho.num_warps, num_stages=rho.num_stages)
+        p.grad_meta.update(BLOCK_M=grad.block_m, BLOCK_N=grad.block_n, BLOCK_K=grad.block_k, GROUP_M=grad.group_m,
+                           num_warps=grad.num_warps, num_stages=grad.num_stages)
+    p.rho_grid = _rho_grid(p, n) if p.has_off else (1,)
+    # streaming backward: (row0, rows, side-b mode) per block of H
+    nblk = cdiv(n, p.rows)
+    p.blocks = tuple((r0, min(p.rows, n - r0), 0 if nblk == 1 else (1 if r0 == 0 else (3 if r0 + p.rows >= n else 2)))
+                     for r0 in range(0, n, p.rows))
+    p.f32 = torch.float32
+    return p
+
+
+def _rho_grid(p: _Plan, m: int):
+    if p.autotune:
+        n = p.n
+        return lambda meta: (cdiv(m, meta["BLOCK_M"]) * cdiv(n, meta["BLOCK_N"]) * meta["SPLIT_K"],)
+    rho = p.cfg.rho
+    return (cdiv(m, rho.block_m) * cdiv(p.n, rho.block_n) * p.lay.split,)
+
+
+_PLANS: dict = {}
+
+
+def _plan(n, d, dta, dtb, dev, opts, need_grad) -> _Plan:
+    key = (n, d, dta, dtb, dev, opts, need_grad)
+    plan = _PLANS.get(key)
+    if plan is None:
+        plan = _PLANS[key] = _build_plan(n, d, dta, dtb, dev, *opts, need_grad)
+    return plan
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# opt-in autotuning (Triton's autotuner over the candidates of _plan.autotune_tiles)
+# ------------------------------------------------------------------------------------------------------------------
+_TUNERS: dict = {}
+
+
+def _interpreter_bench(kernel_call, quantiles):
+    """Under the interpreter timings mean nothing: run every candidate once (correctness) and keep the first."""
+    kernel_call()
+    return [0.0, 0.0, 0.0]
+
+
+def _tuner(kind: str, plan: _Plan):
+    base = plan.cfg.rho if kind == "rho" else plan.cfg.grad
+    key = (kind, base)
+    tuner = _TUNERS.get(key)
+    if tuner is None:
+        tiles = autotune_tiles(base, kind == "rho")
+        if INTERPRET:  # every candidate runs once under the interpreter: keep two
+            tiles = tiles[:2]
+        configs = []
+        for t in tiles:
+            kw = dict(BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k, GROUP_M=t.group_m)
+            if kind == "rho":
+                kw["SPLIT_K"] = t.split_k
+            configs.append(triton.Config(kw, num_warps=t.num_warps, num_stages=t.num_stages))
+        extra = dict(do_bench=_interpreter_bench) if INTERPRET else {}
+        if kind == "rho":
+            tuner = triton.autotune(configs=configs, key=["M", "N", "D"], **extra)(K._rho_kernel)
+        else:  # the streamed side-b products accumulate into acc_ptr: restore it between candidates
+            tuner = triton.autotune(configs=configs, key=["M", "N", "D"], restore_value=["acc_ptr"], **extra)(
+                K._grad_kernel)
+        _TUNERS[key] = tuner
+    return tuner
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# launches (``warm=True``: compile only, tensors replaced by their dtypes; used by precompile)
+# ------------------------------------------------------------------------------------------------------------------
+def _go(kernel, grid, args, meta, warm):
+    if warm:
+        return kernel.warmup(*args, grid=grid, **meta)
+    kernel[grid](*args, **meta)
+
+
+def _launch_std(p: _Plan, za, zb, ws_c, ws_f, sa, sb, warm=False):
+    lay = p.lay
+    _go(K._standardize_kernel, p.std_grid,
+        (za, zb, ws_c, ws_f, p.n, p.d, p.dp, p.np_, sa[0], sa[1], sb[0], sb[1], lay.off_bhat, lay.off_cnt,
+         lay.n_cnt, p.eps, p.log1p_eps, p.inv_d), p.std_meta, warm)
+
+
+def _launch_rho(p: _Plan, ws_c, ws_f, h, loss, m, row0, off_h, write_h, sums, do_loss, grid, warm=False):
+    lay = p.lay
+    kernel = _tuner("rho", p) if p.autotune and p.has_off else K._rho_kernel
+    _go(kernel, grid,
+        (ws_c, ws_f, h, loss, m, p.n, p.d, p.dp, p.np_, row0, lay.off_bhat, off_h, lay.off_rowpart,
+         lay.off_colpart, lay.off_lpart, lay.off_split, lay.off_cnt, write_h, sums, do_loss, p.eps, p.log1p_eps,
+         p.inv_d, p.c, p.inv_n, p.coef_loss), p.rho_meta, warm)
+
+
+def _launch_grad(p: _Plan, za, zb, dza, dzb, ws_c, ws_f, h, acc, go, sa, sb, m, row0, off_h, side_a, side_b,
+                 b_mode, warm=False):
+    if p.autotune:
+        kernel = _tuner("grad", p)
+        n, d = p.n, p.d
+
+        def grid(meta):
+            per = cdiv(d, meta["BLOCK_N"])
+            return (side_a * cdiv(m, meta["BLOCK_M"]) * per + side_b * cdiv(n, meta["BLOCK_M"]) * per,)
     else:
-        def grid(m):
-            return (triton.cdiv(rows, m["BLOCK_M"]) * triton.cdiv(n, m["BLOCK_N"]),)
-
-        K._rho_tile_kernel_tuned[grid](*args, **meta)
-
-
-def _triton_mm(a, b, out, accumulate):
-    m, k = a.shape
-    p = b.shape[1]
-    args = (a, b, out, m, p, k, a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1))
-    meta = dict(ACCUMULATE=accumulate, DOT_PREC=_dot_precision(a.dtype))
-    if K.INTERPRET:
-        cfg = K.INTERPRET_GEMM
-        grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(p, cfg["BLOCK_N"]),)
-        K._gemm_kernel_impl[grid](*args, **meta, **cfg)
-    else:
-        def grid(mt):
-            return (triton.cdiv(m, mt["BLOCK_M"]) * triton.cdiv(p, mt["BLOCK_N"]),)
-
-        K._gemm_kernel_tuned[grid](*args, **meta)
-    return out
+        kernel, g = K._grad_kernel, p.cfg.grad
+        per = cdiv(p.d, g.block_n)
+        grid = (side_a * cdiv(m, g.block_m) * per + side_b * cdiv(p.n, g.block_m) * per,)
+    _go(kernel, grid,
+        (za, zb, dza, dzb, ws_c, ws_f, h, acc, go, p.n, p.d, p.dp, p.np_, m, row0, sa[0], sa[1], sb[0], sb[1],
+         p.lay.off_bhat, off_h, side_a, b_mode, p.coef_grad, p.inv_n, p.inv_d, p.inv_d2), p.grad_meta, warm)
 
 
-_OUT_DTYPE_OK = True
+def _forward(p: _Plan, za, zb, defined=False):
+    """(loss, ws_c, ws_f): the loss and the residuals of the backward. ``defined``: zero the fp32 workspace first,
+    so that no element of the returned tensors is uninitialised (custom-op outputs may be compared)."""
+    ws_c = za.new_empty(p.lay.ws_c, dtype=p.cdt)
+    ws_f = za.new_zeros(p.lay.ws_f, dtype=p.f32) if defined else za.new_empty(p.lay.ws_f, dtype=p.f32)
+    loss = za.new_empty((), dtype=p.f32)
+    _launch_std(p, za, zb, ws_c, ws_f, za.stride(), zb.stride())
+    _launch_rho(p, ws_c, ws_f, ws_c, loss, p.n, 0, p.lay.off_h, int(p.write_h), int(p.sums), 1, p.rho_grid)
+    return loss, ws_c, ws_f
 
 
-def _torch_mm(a, b, out, accumulate):
-    """out (+)= a @ b with an fp32 ``out``; a, b in the compute dtype."""
-    global _OUT_DTYPE_OK
-    if a.dtype == torch.float32:
-        return out.addmm_(a, b) if accumulate else torch.mm(a, b, out=out)
-    if a.is_cuda and _OUT_DTYPE_OK:
-        try:
-            if accumulate:
-                return torch.addmm(out, a, b, out_dtype=torch.float32, out=out)
-            return torch.mm(a, b, out_dtype=torch.float32, out=out)
-        except (RuntimeError, TypeError):  # out_dtype unsupported by this build / GPU
-            _OUT_DTYPE_OK = False
-    if not a.is_cuda:  # CPU (interpreter runs): exact fp32 product of the low-precision operands
-        a, b = a.float(), b.float()
-        return out.addmm_(a, b) if accumulate else torch.mm(a, b, out=out)
-    prod = torch.mm(a, b)
-    return out.add_(prod) if accumulate else out.copy_(prod)
+def _backward(p: _Plan, go, za, zb, ws_c, ws_f, need_a, need_b):
+    """(dza or None, dzb or None) for the upstream gradient ``go`` (a 0-dim tensor, read on the device)."""
+    n, d = p.n, p.d
+    dza = za.new_empty((n, d)) if need_a else None
+    dzb = zb.new_empty((n, d)) if need_b else None
+    out_a = dza if need_a else dzb
+    out_b = dzb if need_b else dza
+    sa, sb = za.stride(), zb.stride()
+    side_a, side_b = int(need_a), int(need_b)
+    if not p.streaming:
+        _launch_grad(p, za, zb, out_a, out_b, ws_c, ws_f, ws_c, ws_f, go, sa, sb, n, 0, p.lay.off_h, side_a, side_b,
+                     0)
+        return dza, dzb
+    # streaming: recompute H one block of rows at a time and consume it at once (side b accumulates in fp32)
+    h = za.new_empty(p.lay.h_block, dtype=p.cdt)
+    acc = za.new_empty(p.lay.acc, dtype=p.f32) if p.lay.acc else ws_f
+    for r0, m, b_mode in p.blocks:
+        _launch_rho(p, ws_c, ws_f, h, ws_f, m, r0, 0, 1, 0, 0, _rho_grid(p, m))
+        _launch_grad(p, za, zb, out_a, out_b, ws_c, ws_f, h, acc, go, sa, sb, m, r0, 0, side_a, side_b, b_mode)
+    return dza, dzb
 
 
-def _grad_mm(a, b, out, accumulate=False):
-    if GRAD_GEMM == "triton":
-        return _triton_mm(a, b, out, accumulate)
-    if GRAD_GEMM == "torch":
-        return _torch_mm(a, b, out, accumulate)
-    raise ValueError(f"SMI_TRITON_GRAD_GEMM must be 'torch' or 'triton', got {GRAD_GEMM!r}")
-
-
-def _launch_std_bwd(z, zo, stats, diag, goff, grad, dz, rows, row_offset, side, coef_off, coef_diag):
-    n, d = z.shape
-    nr, bd, nw = _row_blocks(rows, d)
-    has_off = goff is not None
-    if goff is None:
-        goff = stats  # never read
-    K._std_bwd_kernel[(triton.cdiv(rows, nr),)](
-        z, z.stride(0), z.stride(1), zo, zo.stride(0), zo.stride(1), stats, diag, goff, goff.stride(0), grad, dz,
-        n, rows, d, row_offset, side, coef_off, coef_diag, 1.0 / d,
-        HAS_OFF=has_off, ROWS=nr, BLOCK_D=bd, num_warps=nw,
-    )
+def _on_device(dev: int, fn, *args):
+    """``fn(*args)`` with ``dev`` (a CUDA index, or -1 for the CPU) as the current device: Triton launches on the
+    current device, which need not be the one holding the tensors."""
+    if dev < 0 or dev == torch.cuda.current_device():
+        return fn(*args)
+    with torch.cuda.device(dev):
+        return fn(*args)
 
 
 def _check_device(t):
-    if t.is_cuda:
-        return
-    if t.device.type == "cpu" and K.INTERPRET:
+    if t.is_cuda or (INTERPRET and t.device.type == "cpu"):
         return
     raise RuntimeError(
         f"smi_loss_triton runs on CUDA tensors (or on CPU tensors under TRITON_INTERPRET=1, set before Triton is "
@@ -144,160 +278,106 @@ def _check_device(t):
 
 
 # ------------------------------------------------------------------------------------------------------------------
-# the custom ops
+# the differentiable op
 # ------------------------------------------------------------------------------------------------------------------
-_FwdOut = Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+def _is_compiling() -> bool:
+    return torch.compiler.is_compiling()
 
 
-def _smi_loss_fwd_impl(za: torch.Tensor, zb: torch.Tensor, neg_weight: float, eps: float, transform: str,
-                       streaming: bool, block_rows: int, need_grad: bool) -> _FwdOut:
-    """Returns (loss, ahat, bhat, stats, diag, H); everything but the loss is saved for the backward.
+if not hasattr(torch, "compiler") or not hasattr(torch.compiler, "is_compiling"):  # torch < 2.3
+    def _is_compiling() -> bool:  # noqa: F811
+        return False
 
-    stats: (4, N) fp32 = mean_a, rstd_a, mean_b, rstd_b; diag: (2, N) fp32 = phi(rho_ii), phi'(rho_ii);
-    H: (N, N) c * phi'(rho) with a zero diagonal in non-streaming mode when a gradient is needed, else empty.
-    """
+
+class _SMILoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, za, zb, opts, need_grad):
+        if _is_compiling():
+            loss, ws_c, ws_f = torch.ops.smi_timm.smi_loss_fwd(za, zb, *opts, need_grad)
+        else:
+            _check_device(za)
+            dev = za.get_device()
+            plan = _plan(za.shape[0], za.shape[1], za.dtype, zb.dtype, dev, opts, need_grad)
+            loss, ws_c, ws_f = _on_device(dev, _forward, plan, za, zb)
+            ctx.plan, ctx.dev = plan, dev
+        ctx.save_for_backward(za, zb, ws_c, ws_f)
+        ctx.opts = opts
+        return loss
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        za, zb, ws_c, ws_f = ctx.saved_tensors
+        need_a, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        if _is_compiling():
+            dza, dzb = torch.ops.smi_timm.smi_loss_bwd(grad, za, zb, ws_c, ws_f, *ctx.opts, need_a, need_b)
+            return (dza if need_a else None), (dzb if need_b else None), None, None
+        dza, dzb = _on_device(ctx.dev, _backward, ctx.plan, grad, za, zb, ws_c, ws_f, need_a, need_b)
+        return dza, dzb, None, None
+
+
+# The custom ops behind the compiled path (torch >= 2.4). Their schema flattens the options.
+def _opts_key(neg_weight, eps, transform, streaming, block_rows, allow_tf32, autotune, config):
+    return (neg_weight, eps, transform, streaming, block_rows, allow_tf32, autotune, tuple(config))
+
+
+def _fwd_op_impl(za: torch.Tensor, zb: torch.Tensor, neg_weight: float, eps: float, transform: str,
+                 streaming: Optional[bool], block_rows: Optional[int], allow_tf32: bool, autotune: bool,
+                 config: List[int], need_grad: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     _check_device(za)
+    opts = _opts_key(neg_weight, eps, transform, streaming, block_rows, allow_tf32, autotune, config)
+    dev = za.get_device()
+    plan = _plan(za.shape[0], za.shape[1], za.dtype, zb.dtype, dev, opts, need_grad)
+    return _on_device(dev, _forward, plan, za, zb, True)
+
+
+def _fwd_op_fake(za, zb, neg_weight, eps, transform, streaming, block_rows, allow_tf32, autotune, config,
+                 need_grad):
     n, d = za.shape
     cdt = compute_dtype(za.dtype, zb.dtype)
-    tid = _TRANSFORM_ID[transform]
-    dev = za.device
-    ahat = torch.empty((n, d), device=dev, dtype=cdt)
-    bhat = torch.empty((n, d), device=dev, dtype=cdt)
-    stats = torch.empty((4, n), device=dev, dtype=torch.float32)
-    diag = torch.empty((2, n), device=dev, dtype=torch.float32)
-    nr, bd, nw = _row_blocks(n, d)
-    K._standardize_kernel[(triton.cdiv(n, nr),)](
-        za, zb, ahat, bhat, stats, diag, n, d, za.stride(0), za.stride(1), zb.stride(0), zb.stride(1),
-        eps, math.log1p(eps), 1.0 / d, TRANSFORM=tid, ROWS=nr, BLOCK_D=bd, num_warps=nw,
-    )
-    loss = -diag[0].sum(dtype=torch.float64) / n
-    write_h = need_grad and not streaming and neg_weight != 0.0
-    h = torch.empty((n, n) if write_h else (0,), device=dev, dtype=cdt)
-    if neg_weight != 0.0:
-        c = _h_scale(cdt, eps, transform)
-        rows = n if not streaming else min(block_rows, n)
-        part = torch.zeros(triton.cdiv(rows, K.MIN_BLOCK) * triton.cdiv(n, K.MIN_BLOCK), device=dev,
-                           dtype=torch.float32)
-        off_sum = torch.zeros((), device=dev, dtype=torch.float64)
-        for r0 in range(0, n, rows):
-            m = min(rows, n - r0)
-            if r0:
-                part.zero_()
-            _launch_rho_tiles(ahat, bhat, h if write_h else stats, part, m, r0, eps, c, tid, write_h, True)
-            off_sum += part.sum(dtype=torch.float64)
-        loss = loss + off_sum * (neg_weight / (n * (n - 1)))
-    return loss.to(torch.float32), ahat, bhat, stats, diag, h
+    lay = _fake_layout(n, d, cdt, neg_weight, eps, streaming, block_rows, autotune, config, need_grad)
+    return za.new_empty((), dtype=torch.float32), za.new_empty(lay.ws_c, dtype=cdt), \
+        za.new_empty(lay.ws_f, dtype=torch.float32)
 
 
-def _smi_loss_fwd_fake(za, zb, neg_weight, eps, transform, streaming, block_rows, need_grad):
+def _fake_layout(n, d, cdt, neg_weight, eps, streaming, block_rows, autotune, config, need_grad):
+    # block sizes (hence sizes) do not depend on the compute capability
+    cfg = _config_from_tuple(config) or heuristic_config(n, d, cdt, None, interpret=INTERPRET)
+    if streaming is None:
+        streaming = block_rows is not None or should_stream(n, d, cdt)
+    rows = min(block_rows if block_rows is not None else default_block_rows(n, cdt), n)
+    return layout(n, d, cfg, streaming=bool(streaming), block_rows=rows, need_grad=need_grad,
+                  has_off=float(neg_weight) != 0.0, autotune=autotune)
+
+
+def _bwd_op_impl(grad: torch.Tensor, za: torch.Tensor, zb: torch.Tensor, ws_c: torch.Tensor, ws_f: torch.Tensor,
+                 neg_weight: float, eps: float, transform: str, streaming: Optional[bool], block_rows: Optional[int],
+                 allow_tf32: bool, autotune: bool, config: List[int], need_a: bool, need_b: bool
+                 ) -> Tuple[torch.Tensor, torch.Tensor]:
+    opts = _opts_key(neg_weight, eps, transform, streaming, block_rows, allow_tf32, autotune, config)
+    dev = za.get_device()
+    plan = _plan(za.shape[0], za.shape[1], za.dtype, zb.dtype, dev, opts, True)
+    dza, dzb = _on_device(dev, _backward, plan, grad, za, zb, ws_c, ws_f, need_a, need_b)
+    return (dza if need_a else za.new_empty(0)), (dzb if need_b else zb.new_empty(0))
+
+
+def _bwd_op_fake(grad, za, zb, ws_c, ws_f, neg_weight, eps, transform, streaming, block_rows, allow_tf32, autotune,
+                 config, need_a, need_b):
     n, d = za.shape
-    cdt = compute_dtype(za.dtype, zb.dtype)
-    write_h = need_grad and not streaming and neg_weight != 0.0
-    return (
-        za.new_empty((), dtype=torch.float32),
-        za.new_empty((n, d), dtype=cdt),
-        za.new_empty((n, d), dtype=cdt),
-        za.new_empty((4, n), dtype=torch.float32),
-        za.new_empty((2, n), dtype=torch.float32),
-        za.new_empty((n, n) if write_h else (0,), dtype=cdt),
-    )
+    return (za.new_empty((n, d)) if need_a else za.new_empty(0)), (zb.new_empty((n, d)) if need_b else
+                                                                    zb.new_empty(0))
 
 
-def _smi_loss_bwd_impl(grad: torch.Tensor, za: torch.Tensor, zb: torch.Tensor, ahat: torch.Tensor,
-                       bhat: torch.Tensor, stats: torch.Tensor, diag: torch.Tensor, h: torch.Tensor, neg_weight: float,
-                       eps: float, transform: str, streaming: bool, block_rows: int
-                       ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Gradients (d za, d zb) of the loss scaled by the scalar ``grad``."""
-    n, d = za.shape
-    cdt = ahat.dtype
-    dev = za.device
-    grad = grad.reshape(1).to(torch.float32)
-    dza = torch.empty((n, d), device=dev, dtype=za.dtype)
-    dzb = torch.empty((n, d), device=dev, dtype=zb.dtype)
-    coef_diag = -1.0 / (n * d)
-    if neg_weight == 0.0:
-        _launch_std_bwd(za, zb, stats, diag, None, grad, dza, n, 0, 0, 0.0, coef_diag)
-        _launch_std_bwd(zb, za, stats, diag, None, grad, dzb, n, 0, 1, 0.0, coef_diag)
-        return dza, dzb
-    c = _h_scale(cdt, eps, transform)
-    coef_off = neg_weight / (n * (n - 1)) / c / d
-    if not streaming:
-        g = torch.empty((n, d), device=dev, dtype=torch.float32)
-        _grad_mm(h, bhat, g)  # off-diagonal part of dL/d ahat (unscaled)
-        _launch_std_bwd(za, zb, stats, diag, g, grad, dza, n, 0, 0, coef_off, coef_diag)
-        _grad_mm(h.t(), ahat, g)  # off-diagonal part of dL/d bhat (unscaled)
-        _launch_std_bwd(zb, za, stats, diag, g, grad, dzb, n, 0, 1, coef_off, coef_diag)
-        return dza, dzb
-    # streaming: recompute H one row block at a time and consume it at once
-    rows = min(block_rows, n)
-    tid = _TRANSFORM_ID[transform]
-    gb = torch.zeros((n, d), device=dev, dtype=torch.float32)
-    hblk = torch.empty((rows, n), device=dev, dtype=cdt)
-    ga = torch.empty((rows, d), device=dev, dtype=torch.float32)
-    dummy = torch.zeros(1, device=dev, dtype=torch.float32)  # loss partials are not needed here
-    for r0 in range(0, n, rows):
-        m = min(rows, n - r0)
-        hb, gab = hblk[:m], ga[:m]
-        _launch_rho_tiles(ahat, bhat, hb, dummy, m, r0, eps, c, tid, True, False)
-        _grad_mm(hb, bhat, gab)
-        _launch_std_bwd(za, zb, stats, diag, gab, grad, dza, m, r0, 0, coef_off, coef_diag)
-        _grad_mm(hb.t(), ahat[r0:r0 + m], gb, accumulate=True)
-    del hblk, ga
-    _launch_std_bwd(zb, za, stats, diag, gb, grad, dzb, n, 0, 1, coef_off, coef_diag)
-    return dza, dzb
-
-
-def _smi_loss_bwd_fake(grad, za, zb, ahat, bhat, stats, diag, h, neg_weight, eps, transform, streaming, block_rows):
-    return torch.empty_like(za, memory_format=torch.contiguous_format), \
-        torch.empty_like(zb, memory_format=torch.contiguous_format)
-
-
-def _setup_context(ctx, inputs, output):
-    za, zb, neg_weight, eps, transform, streaming, block_rows, need_grad = inputs
-    _, ahat, bhat, stats, diag, h = output
-    ctx.save_for_backward(za, zb, ahat, bhat, stats, diag, h)
-    ctx.params = (neg_weight, eps, transform, streaming, block_rows)
-
-
-def _backward(ctx, grad_loss, *unused):
-    za, zb, ahat, bhat, stats, diag, h = ctx.saved_tensors
-    dza, dzb = _bwd_op(grad_loss, za, zb, ahat, bhat, stats, diag, h, *ctx.params)
-    return dza, dzb, None, None, None, None, None, None
-
-
-if hasattr(torch.library, "custom_op") and hasattr(torch.library, "register_autograd"):  # torch >= 2.4
-    smi_loss_fwd = torch.library.custom_op("smi_timm::smi_loss_fwd", mutates_args=())(_smi_loss_fwd_impl)
-    smi_loss_fwd.register_fake(_smi_loss_fwd_fake)
-    smi_loss_bwd = torch.library.custom_op("smi_timm::smi_loss_bwd", mutates_args=())(_smi_loss_bwd_impl)
-    smi_loss_bwd.register_fake(_smi_loss_bwd_fake)
-    smi_loss_fwd.register_autograd(_backward, setup_context=_setup_context)
-    _fwd_op, _bwd_op = torch.ops.smi_timm.smi_loss_fwd, torch.ops.smi_timm.smi_loss_bwd
-    CUSTOM_OP = True
-else:  # older torch: same functions behind a torch.autograd.Function (eager only; torch.compile graph-breaks)
-    class _SMILossFunction(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, *inputs):
-            out = _smi_loss_fwd_impl(*inputs)
-            _setup_context(ctx, inputs, out)
-            for t in out[1:]:
-                ctx.mark_non_differentiable(t)
-            return out
-
-        @staticmethod
-        def backward(ctx, grad_loss, *unused):
-            return _backward(ctx, grad_loss)
-
-    def _fwd_op(*inputs):
-        return _SMILossFunction.apply(*inputs)
-
-    _bwd_op = _smi_loss_bwd_impl
-    CUSTOM_OP = False
+CUSTOM_OP = hasattr(torch.library, "custom_op")
+if CUSTOM_OP:  # torch >= 2.4
+    torch.library.custom_op("smi_timm::smi_loss_fwd", mutates_args=())(_fwd_op_impl).register_fake(_fwd_op_fake)
+    torch.library.custom_op("smi_timm::smi_loss_bwd", mutates_args=())(_bwd_op_impl).register_fake(_bwd_op_fake)
 
 
 # ------------------------------------------------------------------------------------------------------------------
 # public API
 # ------------------------------------------------------------------------------------------------------------------
-def _validate(za, zb, transform, eps, block_rows):
+def _check_pair(za, zb):
     for name, t in (("za", za), ("zb", zb)):
         if not isinstance(t, torch.Tensor):
             raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -314,38 +394,96 @@ def _validate(za, zb, transform, eps, block_rows):
         raise ValueError(f"the SMI loss needs at least 2 features per row, got shape {tuple(za.shape)}")
     if za.device != zb.device:
         raise ValueError(f"za and zb must be on the same device, got {za.device} and {zb.device}")
-    if transform not in TRANSFORMS:
-        raise ValueError(f"unknown transform {transform!r}; valid values: {', '.join(TRANSFORMS)}")
-    if transform == "mi" and not eps > 0:
-        raise ValueError(f"eps must be > 0 for the 'mi' transform, got {eps}")
-    if block_rows is not None and (isinstance(block_rows, bool) or not isinstance(block_rows, int) or block_rows < 1):
-        raise ValueError(f"block_rows must be a positive int, got {block_rows!r}")
 
 
 # Defaults: the library's (smi_timm.losses.smi.DEFAULT_NEG_WEIGHT / DEFAULT_EPS; kernels import nothing from the
 # library, tests/test_kernels.py checks that they agree).
 def smi_loss_triton(za: torch.Tensor, zb: torch.Tensor, neg_weight: float = 64.0, eps: float = 1e-3,
-                    transform: str = "mi", streaming: Optional[bool] = None,
-                    block_rows: Optional[int] = None) -> torch.Tensor:
+                    transform: str = "mi", streaming: Optional[bool] = None, block_rows: Optional[int] = None, *,
+                    allow_tf32: bool = False, autotune: bool = False,
+                    config: Optional[KernelConfig] = None) -> torch.Tensor:
     """SMI loss of two (N, D) embeddings with the fused Triton kernels; returns an fp32 scalar, differentiable.
 
     Args:
-        za, zb: (N, D) floating tensors (fp32 / fp16 / bf16; any strides), on CUDA (or CPU under TRITON_INTERPRET=1).
+        za, zb: (N, D) floating tensors (fp32 / fp16 / bf16 / fp64; any strides), on CUDA (or CPU under
+            TRITON_INTERPRET=1).
         neg_weight: weight of the mean off-diagonal term.
         eps: smoothing of the "mi" transform.
         transform: "mi" or "square".
-        streaming: process rows in blocks so the (N, N) matrix is never materialised. None: stream when that matrix
-            would exceed 256 MiB in the compute dtype, or when ``block_rows`` is given. False ignores ``block_rows``.
+        streaming: keep no (N, N) matrix; the backward recomputes it in blocks of rows. None: stream when
+            ``block_rows`` is given, or when that matrix would exceed 256 MiB in the compute dtype and streaming
+            needs less memory (see ``smi_streaming_peak_bytes``). False ignores ``block_rows``.
         block_rows: rows per streamed block (default: an (block_rows, N) block of about 64 MiB).
+        allow_tf32: fp32 inputs only: let the matrix products use TF32 tensor cores (10-bit mantissa operands).
+            Off by default: fp32 inputs are computed exactly in fp32, whatever ``torch`` matmul precision is set.
+        autotune: pick the tiles of the two matrix-product kernels by timing candidates (Triton's autotuner) on the
+            first call of each shape instead of the documented heuristic. Results then depend on the timings, so
+            they are no longer bit-identical across processes and ranks.
+        config: pin a :class:`~smi_timm.kernels.KernelConfig` (e.g. one found with ``autotune``) instead of the
+            heuristic; every process using it gets bit-identical results.
     """
-    _validate(za, zb, transform, eps, block_rows)
-    n = za.shape[0]
-    if streaming is None:
-        streaming = block_rows is not None or should_stream(n, compute_dtype(za.dtype, zb.dtype))
-    streaming = bool(streaming)
-    if block_rows is None:
-        block_rows = default_block_rows(n, compute_dtype(za.dtype, zb.dtype))
+    _check_pair(za, zb)
+    opts = (neg_weight, eps, transform, streaming, block_rows, bool(allow_tf32), bool(autotune),
+            _config_tuple(config))
+    _validate_options(neg_weight, eps, transform, streaming, block_rows)
     need_grad = torch.is_grad_enabled() and (za.requires_grad or zb.requires_grad)
-    out = _fwd_op(za, zb, float(neg_weight), float(eps), transform, streaming, int(min(block_rows, n)),
-                  bool(need_grad))
-    return out[0]
+    return _SMILoss.apply(za, zb, opts, need_grad)
+
+
+def precompile(n: int, d: int, dtype: torch.dtype, device, *, neg_weight: float = 64.0, eps: float = 1e-3,
+               transform: str = "mi", streaming: Optional[bool] = None, block_rows: Optional[int] = None,
+               allow_tf32: bool = False, autotune: bool = False, config: Optional[KernelConfig] = None,
+               requires_grad: bool = True, zb_dtype: Optional[torch.dtype] = None) -> float:
+    """Compile every kernel that ``smi_loss_triton`` launches for a forward + backward of (n, d) embeddings of
+    ``dtype`` on ``device`` with these options, without running any; returns the seconds it took.
+
+    Kernels land in Triton's on-disk cache (``TRITON_CACHE_DIR``, default ``~/.triton/cache``) and in this
+    process's in-memory cache, so a later call of the loss starts at once; with a warm disk cache this costs
+    milliseconds. Typical use in a multi-process job: local rank 0 calls it, then a barrier, then the other ranks
+    (each loads the kernels from the disk cache instead of compiling them at the same time). It changes no state
+    that alters results (no autotuning is run; with ``autotune=True`` every candidate is compiled). Inputs are
+    assumed contiguous with 16-byte aligned storage, as tensors from the CUDA allocator are; other strides compile
+    their own variant on first use. Under ``TRITON_INTERPRET=1`` (CPU) nothing needs compiling: the launch plan is
+    built and checked, and the call returns at once.
+    """
+    t0 = time.perf_counter()
+    n, d = int(n), int(d)
+    if n < 2 or d < 2:
+        raise ValueError(f"precompile needs n >= 2 and d >= 2, got n={n}, d={d}")
+    dev = torch.device(device)
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
+    if dev.type != "cuda" and not (INTERPRET and dev.type == "cpu"):
+        raise RuntimeError(f"precompile: the fused loss runs on CUDA devices (or the CPU under TRITON_INTERPRET=1), "
+                           f"got device {dev}")
+    dta, dtb = dtype, zb_dtype or dtype
+    for dt in (dta, dtb):
+        if not isinstance(dt, torch.dtype) or not dt.is_floating_point:
+            raise ValueError(f"precompile: dtype must be a floating torch.dtype, got {dt!r}")
+    opts = (neg_weight, eps, transform, streaming, block_rows, bool(allow_tf32), bool(autotune),
+            _config_tuple(config))
+    plan = _plan(n, d, dta, dtb, dev.index if dev.type == "cuda" else -1, opts, bool(requires_grad))
+    if dev.type == "cuda" and not INTERPRET:
+        with torch.cuda.device(dev):
+            for launch in _warm_launches(plan, dta, dtb):
+                launch()
+    return time.perf_counter() - t0
+
+
+def _warm_launches(p: _Plan, dta, dtb):
+    """The launches of one forward + backward (both gradients) as compile-only calls."""
+    f32, cdt, sa, sb = torch.float32, p.cdt, (p.d, 1), (p.d, 1)
+    out = [lambda: _launch_std(p, dta, dtb, cdt, f32, sa, sb, warm=True),
+           lambda: _launch_rho(p, cdt, f32, cdt, f32, p.n, 0, p.lay.off_h, int(p.write_h), int(p.sums), 1,
+                               p.rho_grid, warm=True)]
+    if not p.need_grad:
+        return out
+    if not p.streaming:
+        out.append(lambda: _launch_grad(p, dta, dtb, dta, dtb, cdt, f32, cdt, f32, f32, sa, sb, p.n, 0,
+                                        p.lay.off_h, 1, 1, 0, warm=True))
+        return out
+    r0, m, b_mode = p.blocks[0]
+    out.append(lambda: _launch_rho(p, cdt, f32, cdt, f32, m, r0, 0, 1, 0, 0, _rho_grid(p, m), warm=True))
+    out.append(lambda: _launch_grad(p, dta, dtb, dta, dtb, cdt, f32, cdt, f32, f32, sa, sb, m, r0, 0, 1, 1, b_mode,
+                                    warm=True))
+    return out

@@ -4,8 +4,16 @@ import math
 import pytest
 import torch
 
-from smi_timm.losses import (BarlowTwinsLoss, SMILoss, VICRegLoss, barlow_twins_loss, create_loss, smi_loss,
-                             smi_loss_reference, vicreg_loss)
+from smi_timm.losses import (
+    BarlowTwinsLoss,
+    SMILoss,
+    VICRegLoss,
+    barlow_twins_loss,
+    create_loss,
+    smi_loss,
+    smi_loss_reference,
+    vicreg_loss,
+)
 from smi_timm.losses.smi import DEFAULT_EPS, DEFAULT_NEG_WEIGHT
 
 # fp32 computation checked against a float64 computation of the same formula.
@@ -92,8 +100,9 @@ def test_smi_matches_float64_formula(n, d, transform):
     tol = dict(atol=2e-4, rtol=2e-3) if d == 2 else {}
     for neg_weight, eps in ((1.0, 1e-3), (16.0, 1e-1)):
         _assert_close_to_float64(
-            lambda a, b: smi_loss(a, b, neg_weight=neg_weight, eps=eps, transform=transform, backend="torch"),
-            lambda a, b: smi_float64(a, b, neg_weight, eps, transform), za, zb, **tol)
+            lambda a, b, nw=neg_weight, e=eps: smi_loss(a, b, neg_weight=nw, eps=e, transform=transform,
+                                                        backend="torch"),
+            lambda a, b, nw=neg_weight, e=eps: smi_float64(a, b, nw, e, transform), za, zb, **tol)
 
 
 @pytest.mark.parametrize("case", ["same", "negated", "identical_rows", "constant_row", "tiny_scale", "huge_scale"])

@@ -33,10 +33,12 @@ cross-rank synchronisation. With ``gather=False`` (default) each rank computes t
 
 Backends: ``"torch"`` is the reference (autograd, chunked over rows so that memory stays O(N·D + chunk·N));
 ``"triton"`` runs the fused kernels of :mod:`smi_timm.kernels`; ``"auto"`` picks Triton for CUDA tensors when
-Triton is importable and the torch path otherwise.
+Triton is importable and compiles for the GPU, and the torch path otherwise: it never runs the Triton interpreter
+(``TRITON_INTERPRET=1``) on CUDA tensors (:func:`resolve_backend`).
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 import math
@@ -52,7 +54,7 @@ from torch.utils.checkpoint import checkpoint
 from ._common import VALID_BACKENDS, VALID_TRANSFORMS, check_choice, check_embeddings, gather_with_grad
 
 __all__ = ["SMILoss", "smi_loss", "smi_loss_reference", "standardize_rows", "dependency_matrix", "phi",
-           "DEFAULT_NEG_WEIGHT", "DEFAULT_EPS"]
+           "resolve_backend", "DEFAULT_NEG_WEIGHT", "DEFAULT_EPS"]
 
 # Library defaults of the two hyper-parameters, chosen by the neg_weight x eps sweep of the comparison harness on a
 # validation split of CIFAR-10 training images (docs/RESULTS.md, "SMI defaults"). They are tuning values, not part
@@ -159,15 +161,43 @@ def _load_kernels():
     return module
 
 
-def _triton_usable(z: torch.Tensor) -> bool:
-    if z.is_cuda:
-        return importlib.util.find_spec("triton") is not None
-    return os.environ.get("TRITON_INTERPRET") == "1" and importlib.util.find_spec("triton") is not None
+@functools.lru_cache(maxsize=None)
+def _has_triton() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def _interpreter_active() -> bool:
+    """Whether the fused kernels run (or would run, once imported) under the Triton interpreter."""
+    loaded = sys.modules.get("smi_timm.kernels")
+    if loaded is not None and hasattr(loaded, "INTERPRET"):
+        return bool(loaded.INTERPRET)
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+def resolve_backend(backend: str, device) -> str:
+    """The backend :func:`smi_loss` runs for embeddings on ``device`` (``"torch"`` or ``"triton"``).
+
+    ``"auto"``: the fused Triton kernels for CUDA tensors when Triton is importable and compiles for the GPU, the torch
+    reference otherwise; with ``TRITON_INTERPRET=1`` (a debugging mode that runs the kernels on the CPU, slowly)
+    ``"auto"`` takes the torch path on CUDA tensors instead of interpreting. ``"triton"`` on CPU tensors needs that
+    interpreter (tests); on CUDA it always runs the kernels (interpreted if the interpreter was asked for).
+    """
+    check_choice(backend, VALID_BACKENDS, "backend")
+    device = torch.device(device)
+    has_triton = _has_triton()
+    if backend == "auto":
+        return "triton" if device.type == "cuda" and has_triton and not _interpreter_active() else "torch"
+    if backend == "triton" and not (has_triton and (device.type == "cuda" or _interpreter_active())):
+        raise ValueError(
+            "backend='triton' needs CUDA tensors and Triton installed (or, for testing on CPU, TRITON_INTERPRET=1 "
+            "set before smi_timm.kernels is imported); use backend='torch' or 'auto' otherwise"
+        )
+    return backend
 
 
 def smi_loss(za: torch.Tensor, zb: torch.Tensor, neg_weight: float = DEFAULT_NEG_WEIGHT, eps: float = DEFAULT_EPS,
              transform: str = "mi", gather: bool = False, backend: str = "auto",
-             chunk_size: Optional[int] = None) -> torch.Tensor:
+             chunk_size: Optional[int] = None, allow_tf32: bool = False) -> torch.Tensor:
     """Functional SMI loss; see :class:`SMILoss` and the module docstring for the formula. Returns a float32 scalar."""
     check_choice(transform, VALID_TRANSFORMS, "transform")
     check_choice(backend, VALID_BACKENDS, "backend")
@@ -176,16 +206,10 @@ def smi_loss(za: torch.Tensor, zb: torch.Tensor, neg_weight: float = DEFAULT_NEG
         raise ValueError(f"eps must be > 0 for transform='mi' (φ is unbounded at |ρ| = 1 otherwise), got {eps}")
     if gather:
         za, zb = gather_with_grad(za), gather_with_grad(zb)
-    if backend == "auto":
-        backend = "triton" if za.is_cuda and _triton_usable(za) else "torch"
-    if backend == "triton":
-        if not _triton_usable(za):
-            raise ValueError(
-                "backend='triton' needs CUDA tensors and Triton installed (or, for testing on CPU, TRITON_INTERPRET=1 "
-                "set before smi_timm.kernels is imported); use backend='torch' or 'auto' otherwise"
-            )
+    if resolve_backend(backend, za.device) == "triton":
         kernels = _load_kernels()
-        return kernels.smi_loss_triton(za, zb, neg_weight=neg_weight, eps=eps, transform=transform)
+        return kernels.smi_loss_triton(za, zb, neg_weight=neg_weight, eps=eps, transform=transform,
+                                       allow_tf32=allow_tf32)
     return smi_loss_reference(za, zb, neg_weight=neg_weight, eps=eps, transform=transform, chunk_size=chunk_size)
 
 
@@ -202,14 +226,19 @@ class SMILoss(nn.Module):
         eps: smoothing ε of the Gaussian MI map; bounds φ by ½·log(1+1/ε). Default 1e-3, from the same sweep.
         transform: ``"mi"`` (default) or ``"square"`` (ablation).
         gather: all-gather both views across ranks (with gradients) and compute the loss on the global batch.
-        backend: ``"auto"`` (Triton on CUDA, torch otherwise), ``"torch"`` or ``"triton"``.
+        backend: ``"auto"`` (Triton on CUDA, torch otherwise; see :func:`resolve_backend`), ``"torch"`` or
+            ``"triton"``.
         chunk_size: rows of ρ per chunk for the torch backend (``None``: automatic).
+        allow_tf32: Triton backend, fp32 embeddings: let its matrix products use TF32 tensor cores. Off by default
+            (fp32 is computed exactly, whatever torch's matmul precision setting); the torch backend follows
+            torch's own TF32 settings.
 
     Shapes: ``za``, ``zb``: ``(N, D)`` floating tensors, N ≥ 2, D ≥ 2. Output: float32 scalar.
     """
 
     def __init__(self, neg_weight: float = DEFAULT_NEG_WEIGHT, eps: float = DEFAULT_EPS, transform: str = "mi",
-                 gather: bool = False, backend: str = "auto", chunk_size: Optional[int] = None):
+                 gather: bool = False, backend: str = "auto", chunk_size: Optional[int] = None,
+                 allow_tf32: bool = False):
         super().__init__()
         self.neg_weight = float(neg_weight)
         self.eps = float(eps)
@@ -217,13 +246,25 @@ class SMILoss(nn.Module):
         self.gather = bool(gather)
         self.backend = check_choice(backend, VALID_BACKENDS, "backend")
         self.chunk_size = chunk_size
+        self.allow_tf32 = bool(allow_tf32)
         if self.transform == "mi" and self.eps <= 0:
             raise ValueError(f"eps must be > 0 for transform='mi', got {eps}")
 
     def forward(self, za: torch.Tensor, zb: torch.Tensor) -> torch.Tensor:
         return smi_loss(za, zb, neg_weight=self.neg_weight, eps=self.eps, transform=self.transform,
-                        gather=self.gather, backend=self.backend, chunk_size=self.chunk_size)
+                        gather=self.gather, backend=self.backend, chunk_size=self.chunk_size,
+                        allow_tf32=self.allow_tf32)
+
+    def precompile(self, n: int, d: int, dtype: torch.dtype, device) -> float:
+        """Compile, ahead of the first step, the kernels this loss will launch for a (n, d) batch of ``dtype`` on
+        ``device`` (``n``: the batch the loss sees, i.e. the global one with ``gather=True``); returns the seconds
+        it took, 0.0 when the torch backend will run. See :func:`smi_timm.kernels.precompile`."""
+        if resolve_backend(self.backend, device) != "triton":
+            return 0.0
+        return _load_kernels().precompile(n, d, dtype, device, neg_weight=self.neg_weight, eps=self.eps,
+                                          transform=self.transform, allow_tf32=self.allow_tf32)
 
     def extra_repr(self) -> str:
+        tf32 = ", allow_tf32=True" if self.allow_tf32 else ""
         return (f"neg_weight={self.neg_weight}, eps={self.eps}, transform={self.transform!r}, gather={self.gather}, "
-                f"backend={self.backend!r}")
+                f"backend={self.backend!r}{tf32}")

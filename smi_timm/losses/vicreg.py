@@ -57,4 +57,5 @@ class VICRegLoss(nn.Module):
         return vicreg_loss(za, zb, self.sim_coeff, self.std_coeff, self.cov_coeff, gather=self.gather)
 
     def extra_repr(self) -> str:
-        return f"sim_coeff={self.sim_coeff}, std_coeff={self.std_coeff}, cov_coeff={self.cov_coeff}, gather={self.gather}"
+        return (f"sim_coeff={self.sim_coeff}, std_coeff={self.std_coeff}, cov_coeff={self.cov_coeff}, "
+                f"gather={self.gather}")
