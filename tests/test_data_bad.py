@@ -28,10 +28,27 @@ def test_eval_loader_counts_every_kind(bad_shards, num_workers):
     assert st["missing_shard"] == 0 and st["bad_shard"] == 0 and st["shards"] == 2
 
 
-def test_ssl_loader_trains_through_bad_data(bad_shards):
+@pytest.mark.parametrize("augment_on", ["cpu", "device"])
+def test_ssl_loader_counts_every_kind_exactly(tmp_path, augment_on):
+    """One pass over the 13 broken samples in order: the same counts on both paths; 2 holes filled."""
+    samples, _ = broken_samples()
+    (path,) = write_samples(tmp_path / "one-%06d.tar", samples, index=False)
+    loader = make_ssl_loader(path, batch_size=12, image_size=32, augment="cifar", num_workers=0, shuffle_buffer=1,
+                             epoch_samples=12, augment_on=augment_on)
+    (a, b), = list(loader)
+    assert a.shape == (12, 3, 32, 32) and torch.isfinite(a).all() and torch.isfinite(b).all()
+    st = loader.stats()
+    expected = {"undecodable": 2, "missing_image": 1, "converted_grayscale": 1, "converted_cmyk": 1,
+                "converted_alpha": 1, "converted_other": 1, "non_jpeg": 2, "samples": 12, "shards": 1,
+                "missing_label": 0, "bad_label": 0, "bad_shard": 0, "missing_shard": 0}
+    assert {k: st[k] for k in expected} == expected
+
+
+@pytest.mark.parametrize("augment_on", ["cpu", "device"])
+def test_ssl_loader_trains_through_bad_data(bad_shards, augment_on):
     tmp, _, _, _ = bad_shards
     loader = make_ssl_loader(str(tmp / "bad-*.tar"), batch_size=4, image_size=32, augment="cifar", num_workers=2,
-                             shuffle_buffer=4, epoch_samples=48)
+                             shuffle_buffer=4, epoch_samples=48, augment_on=augment_on)
     batches = list(loader)
     assert len(batches) == len(loader) == 12
     assert all(torch.isfinite(a).all() and torch.isfinite(b).all() for a, b in batches)
@@ -88,6 +105,10 @@ def test_unusable_shards_raise_instead_of_hanging(tmp_path):
     (junk_path,) = write_samples(tmp_path / "junk-%06d.tar", junk, index=False)
     loader = make_ssl_loader(junk_path, batch_size=2, image_size=32, num_workers=0, epoch_samples=4,
                              shuffle_buffer=2)
+    with pytest.raises(RuntimeError, match="undecodable"):
+        list(loader)
+    loader = make_ssl_loader(junk_path, batch_size=2, image_size=32, num_workers=0, epoch_samples=4,
+                             shuffle_buffer=2, augment_on="device")
     with pytest.raises(RuntimeError, match="undecodable"):
         list(loader)
 

@@ -74,7 +74,7 @@ def test_two_ranks_gloo_equal_batches(tmp_path):
                 p.kill()
     for p, (_out, err) in zip(procs, outs):
         assert p.returncode == 0, err[-3000:]
-    line = next(l for l in outs[0][0].splitlines() if l.startswith("RESULT "))
+    line = next(x for x in outs[0][0].splitlines() if x.startswith("RESULT "))
     results = json.loads(line[len("RESULT "):])
     assert [r["rank"] for r in results] == [0, 1]
     assert all(r["batches"] == r["len"] == 3000 // (2 * 100) for r in results)

@@ -219,3 +219,109 @@ def test_shared_cifar_shards_upscaled():
                              num_workers=0, epoch_samples=32, shuffle_buffer=64)
     a, b = next(iter(loader))
     assert a.shape == (16, 3, 64, 64)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Data specs, resume without replay, paths, shutdown
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_sample_specs_are_understood_by_the_loaders():
+    from smi_timm.data import expand_urls
+
+    assert expand_urls("sample") == expand_urls("sample:train") == sample_shards("train")
+    assert expand_urls(["sample:test"]) == sample_shards("test")
+    assert expand_urls("sample:train::sample:test") == sample_shards("train") + sample_shards("test")
+    with pytest.raises(ValueError, match="split"):
+        expand_urls("sample:val")
+    assert len(make_ssl_loader("sample", batch_size=500, image_size=32, num_workers=0)) == 8
+    loader = make_eval_loader("sample:test", batch_size=250, image_size=32, num_workers=0)
+    assert loader.num_samples == 1000 and len(loader.classes) == 10
+
+
+def test_epoch_length_message_names_cli_and_python(folder_shards, tmp_path):
+    tmp, _, _ = folder_shards
+    for p in (tmp / "shards").glob("*.tar"):
+        (tmp_path / p.name).write_bytes(p.read_bytes())
+    with pytest.raises(ValueError, match="--epoch-samples N on the command line, epoch_samples=N in Python"):
+        make_ssl_loader(str(tmp_path / "train-*.tar"), batch_size=4, image_size=32, num_workers=0)
+
+
+@pytest.mark.filterwarnings("ignore:This DataLoader will create")
+@pytest.mark.parametrize("augment_on,num_workers", [("cpu", 0), ("cpu", 2), ("device", 0), ("device", 3)])
+def test_resume_without_replay_equals_uninterrupted(folder_shards, augment_on, num_workers):
+    """set_epoch(e, start) yields exactly the batches an uninterrupted epoch yields from ``start`` on."""
+    tmp, _, _ = folder_shards
+    kw = dict(batch_size=3, image_size=32, augment="byol", num_workers=num_workers, seed=5, shuffle_buffer=7,
+              epoch_samples=45, augment_on=augment_on, rank=1, world_size=2)
+    loader = make_ssl_loader(str(tmp / "shards" / "train-*.tar"), **kw)
+    loader.set_epoch(2)
+    full = list(loader)
+    assert len(full) == len(loader) == 7 and loader.epoch == 3 and loader.start_batch == 0
+    for start in (1, 4, 6, 7):
+        loader.set_epoch(2, start)
+        part = list(loader)
+        assert len(part) == 7 - start
+        assert all(torch.equal(x[0], y[0]) and torch.equal(x[1], y[1]) for x, y in zip(part, full[start:])), start
+    with pytest.raises(ValueError, match="start_batch"):
+        loader.set_epoch(2, 8)
+
+
+def test_skipped_batches_are_not_decoded(folder_shards, monkeypatch):
+    """Resuming reads the consumed part's bytes but decodes only the batches it yields."""
+    import smi_timm.data.stream as stream
+
+    calls = []
+    real = stream.decode_image
+    monkeypatch.setattr(stream, "decode_image", lambda *a, **k: calls.append(1) or real(*a, **k))
+    tmp, _, _ = folder_shards
+    loader = make_ssl_loader(str(tmp / "shards" / "train-*.tar"), batch_size=3, image_size=32, num_workers=0,
+                             epoch_samples=45, shuffle_buffer=4)
+    loader.set_epoch(0, 12)
+    assert len(list(loader)) == 3 and len(calls) == 9
+
+
+def test_delivery_options(folder_shards):
+    tmp, _, _ = folder_shards
+    for on in ("cpu", "device"):
+        loader = make_ssl_loader(str(tmp / "shards" / "train-*.tar"), batch_size=4, image_size=36, num_workers=0,
+                                 epoch_samples=8, augment_on=on, out_dtype=torch.bfloat16, channels_last=True)
+        assert loader.path == on and loader.augment.name == "byol"
+        a, b = next(iter(loader))
+        assert a.dtype == b.dtype == torch.bfloat16 and a.shape == (4, 3, 36, 36)
+        assert a.is_contiguous(memory_format=torch.channels_last)
+        loader.close()
+    auto = make_ssl_loader(str(tmp / "shards" / "train-*.tar"), batch_size=4, image_size=32, num_workers=0)
+    assert auto.path == "cpu" and auto.device == torch.device("cpu") and not auto.pin_memory
+    with pytest.raises(ValueError, match="augment_on"):
+        make_ssl_loader(str(tmp / "shards" / "train-*.tar"), batch_size=4, image_size=32, augment_on="gpu")
+    with pytest.raises(ValueError, match="v2"):
+        make_ssl_loader(str(tmp / "shards" / "train-*.tar"), batch_size=4, image_size=32, backend="v2",
+                        augment_on="device")
+
+
+def test_close_and_context_manager_stop_workers(folder_shards):
+    import multiprocessing as mp
+
+    tmp, _, _ = folder_shards
+    with make_ssl_loader(str(tmp / "shards" / "train-*.tar"), batch_size=3, image_size=32, num_workers=2,
+                         epoch_samples=45) as loader:
+        it = iter(loader)
+        next(it)
+        assert len(mp.active_children()) == 2
+    assert mp.active_children() == []
+    with pytest.raises(StopIteration):
+        next(it)
+    assert len(list(loader)) == len(loader)  # still usable after close()
+    assert mp.active_children() == []
+
+
+def test_default_num_workers(monkeypatch):
+    import smi_timm.data.loaders as loaders
+    from smi_timm.data import default_num_workers
+
+    monkeypatch.setattr(loaders, "_cpu_count", lambda: 16)
+    assert default_num_workers(1) == 15 and default_num_workers(2) == 7 and default_num_workers(16) == 0
+    assert default_num_workers(1, path="device") == 3 and default_num_workers(8, path="device") == 1
+    monkeypatch.setattr(loaders, "_cpu_count", lambda: 256)
+    assert default_num_workers(1) == loaders.MAX_CPU_WORKERS

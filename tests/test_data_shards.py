@@ -154,3 +154,49 @@ def test_cli_subprocess(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "wrote 4 samples" in r.stdout
     assert (tmp_path / "o" / "tr.json").is_file()
+
+
+def test_unlabeled_folder_to_shards(tmp_path):
+    """A folder without class sub-folders gives label-free shards; --unlabeled takes every image recursively; the
+    SSL loader trains on them, the eval loader refuses them."""
+    from smi_timm.data import make_eval_loader, make_ssl_loader
+
+    flat = tmp_path / "photos"
+    flat.mkdir()
+    for i in range(5):
+        (flat / f"p{i}.jpg").write_bytes(encode_image(flat_image(20 + 30 * i)))
+    (flat / "notes.txt").write_text("not an image\n")
+    s = write_shards(flat, tmp_path / "u" / "train-%06d.tar", progress=False)
+    assert s.num_samples == 5 and not s.labeled and s.classes is None and s.num_classes == 0
+    assert "unlabeled" in s.format() and s.num_skipped == 1
+    index = json.loads((tmp_path / "u" / "train.json").read_text())
+    assert index["labeled"] is False and index["num_samples"] == 5 and index["classes"] is None
+    stats = DataStats()
+    assert all(set(x) == {"__key__", "__url__", "jpg"} for x in iter_shard(s.shards[0], stats))
+    ssl = make_ssl_loader(s.shards, batch_size=2, image_size=32, num_workers=0)
+    assert len(ssl) == 2 and len(list(ssl)) == 2
+    with pytest.raises(ValueError, match="evaluation needs labels"):
+        make_eval_loader(s.shards, batch_size=2, image_size=32)
+    # a nested folder: sub-folders would be classes unless --unlabeled
+    (flat / "2024" / "june").mkdir(parents=True)
+    (flat / "2024" / "june" / "q.jpg").write_bytes(encode_image(flat_image(90)))
+    labelled = write_shards(flat, tmp_path / "l" / "train-%06d.tar", progress=False)
+    assert labelled.labeled and labelled.classes == ["2024"] and labelled.num_samples == 1
+    assert main([str(flat), str(tmp_path / "r" / "train-%06d.tar"), "--unlabeled", "--no-progress"]) == 0
+    assert json.loads((tmp_path / "r" / "train.json").read_text())["num_samples"] == 6
+    with pytest.raises(SystemExit):  # mutually exclusive
+        main([str(flat), str(tmp_path / "x" / "t-%06d.tar"), "--labeled", "--unlabeled"])
+    with pytest.raises(ValueError, match="no class sub-folders"):
+        write_shards(tmp_path / "u", tmp_path / "y" / "t-%06d.tar", progress=False, unlabeled=False)
+
+
+def test_eval_loader_refuses_shards_without_labels_and_no_index(tmp_path):
+    """Label-free shards without an index: the eval loader says so at the end of its pass."""
+    from smi_timm.data import make_eval_loader
+    from smi_timm.data.testing import write_samples
+
+    samples = [(f"k{i}", {"jpg": encode_image(flat_image(10 * i))}) for i in range(4)]
+    (path,) = write_samples(tmp_path / "n-%06d.tar", samples, index=False)
+    loader = make_eval_loader(path, batch_size=2, image_size=32, num_workers=0)
+    with pytest.raises(ValueError, match="needs labelled samples"):
+        list(loader)

@@ -1,5 +1,11 @@
 """Data pipeline: WebDataset shard writer, two-view SSL loader, eval loader, bundled CIFAR-10 sample.
 
+The SSL loader augments either in its CPU workers or, when batches go to a CUDA device, on the device itself
+(workers only read shards; nvJPEG decodes; batched tensor ops augment; see :mod:`smi_timm.data.loaders`). Modules:
+``augment`` (recipes, random parameters, the torchvision reference), ``ops`` (batched image ops), ``pipeline`` (the
+CPU and device two-view pipelines), ``stream`` (what each worker reads), ``feed`` (the training-process stage),
+``workers`` (worker lifecycle), ``reading`` / ``shards`` / ``stats`` (shards and counters).
+
 ``import smi_timm`` does not import this package. Names are loaded on first use, so the shard writer
 (``smi-make-shards``) starts without importing torch.
 """

@@ -17,14 +17,12 @@ normalise             ImageNet mean / std                             always    
 
 The ``"cifar"`` preset (for 32x32 images) uses crop scale (0.2, 1) and no blur.
 
-Two implementations of the same distribution are provided:
-
-* :class:`BatchTwoViewAugment` (``backend="batched"``, the default of the loaders): crops and resizes each uint8
-  image on its own (``torch.nn.functional.interpolate``, bicubic with antialiasing), stacks the crops and applies
-  flip, colour jitter (per-sample factors and order), grayscale, blur (per-sample sigma, one grouped convolution),
-  solarize and normalisation to the whole batch at once. About 5x faster than per-sample transforms at 32 px.
-* :func:`v2_view_transform` (``backend="v2"``): the per-sample reference pipeline built from
-  ``torchvision.transforms.v2``.
+This module holds the recipe (:class:`AugmentConfig`, :data:`PRESETS`), the random parameters of a batch
+(:func:`draw_view_params`, drawn per sample exactly as torchvision draws them), the per-sample reference pipeline
+built from ``torchvision.transforms.v2`` (:func:`v2_view_transform`) and the deterministic eval transform. The pixel
+work of the two fast implementations of the same distribution lives in :mod:`smi_timm.data.ops` and
+:mod:`smi_timm.data.pipeline`: batched tensor ops run in the loader workers on the CPU, or on the accelerator in the
+training process (see ``docs/data.md``).
 """
 from __future__ import annotations
 
@@ -37,9 +35,6 @@ import torch.nn.functional as F
 
 IMAGENET_MEAN: Tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: Tuple[float, float, float] = (0.229, 0.224, 0.225)
-
-# ITU-R 601-2 luma weights, as used by torchvision's rgb_to_grayscale.
-_GRAY_WEIGHTS = (0.2989, 0.587, 0.114)
 
 
 @dataclass(frozen=True)
@@ -77,7 +72,8 @@ def get_augment_config(augment: Union[str, AugmentConfig]) -> AugmentConfig:
     try:
         return PRESETS[str(augment).lower()]
     except KeyError:
-        raise ValueError(f"unknown augment preset {augment!r}; choose one of {sorted(PRESETS)} or pass an AugmentConfig") from None
+        raise ValueError(f"unknown augment preset {augment!r}; choose one of {sorted(PRESETS)} "
+                         "or pass an AugmentConfig") from None
 
 
 def blur_kernel_size(image_size: int, frac: float = 0.1) -> int:
@@ -93,8 +89,9 @@ def blur_kernel_size(image_size: int, frac: float = 0.1) -> int:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def v2_view_transform(augment: Union[str, AugmentConfig], image_size: int, view: int):
-    """Per-sample ``torchvision.transforms.v2`` pipeline of one view (0 = a, 1 = b): uint8 CHW -> normalised float."""
+def v2_view_transform(augment: Union[str, AugmentConfig], image_size: int, view: int, normalize: bool = True):
+    """Per-sample ``torchvision.transforms.v2`` pipeline of one view (0 = a, 1 = b): uint8 CHW -> normalised float
+    (or uint8 before normalisation with ``normalize=False``)."""
     from torchvision.transforms import v2
 
     cfg = get_augment_config(augment)
@@ -112,29 +109,31 @@ def v2_view_transform(augment: Union[str, AugmentConfig], image_size: int, view:
         ops.append(v2.RandomApply([v2.GaussianBlur(k, sigma=cfg.blur_sigma)], p=cfg.blur_p[view]))
     if cfg.solarize_p[view] > 0:
         ops.append(v2.RandomSolarize(threshold=round(cfg.solarize_threshold * 255), p=cfg.solarize_p[view]))
-    ops += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(cfg.mean), list(cfg.std))]
+    if normalize:
+        ops += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(cfg.mean), list(cfg.std))]
     return v2.Compose(ops)
 
 
 class V2TwoViewAugment:
-    """Two views per image with the per-sample v2 pipelines; same call signature as :class:`BatchTwoViewAugment`.
+    """Two views per image with the per-sample v2 pipelines: ``(list of uint8 CHW images) -> (view_a, view_b)``,
+    normalised float (or uint8 with ``normalize=False``).
 
-    Randomness comes from torch's global generator (seeded per worker and epoch by the loader).
+    Randomness comes from torch's global generator (the loader seeds it per batch).
     """
 
-    def __init__(self, augment: Union[str, AugmentConfig], image_size: int):
+    def __init__(self, augment: Union[str, AugmentConfig], image_size: int, normalize: bool = True):
         self.config = get_augment_config(augment)
         self.image_size = int(image_size)
-        self.views = (v2_view_transform(self.config, image_size, 0), v2_view_transform(self.config, image_size, 1))
+        self.views = tuple(v2_view_transform(self.config, image_size, v, normalize) for v in (0, 1))
 
-    def __call__(self, images: Sequence[torch.Tensor], generator: Optional[torch.Generator] = None):
+    def __call__(self, images: Sequence[torch.Tensor]):
         a = torch.stack([self.views[0](x) for x in images])
         b = torch.stack([self.views[1](x) for x in images])
         return a, b
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Batched pipeline
+# Random parameters of a batch
 # ---------------------------------------------------------------------------------------------------------------------
 
 
@@ -178,105 +177,6 @@ def sample_crop_boxes(
     return torch.stack([top, left, h_sel, w_sel], dim=1).long()
 
 
-_UINT8_BICUBIC_AA: Optional[bool] = None
-
-
-def _resize_uint8(x: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
-    """Bicubic antialiased resize of a uint8 (1, C, h, w) tensor.
-
-    Returns uint8 where torch has the uint8 kernel (CPU, torch >= 2.1), else float32 in [0, 255] (unclamped).
-    """
-    global _UINT8_BICUBIC_AA
-    if _UINT8_BICUBIC_AA is not False:
-        try:
-            # The aten op directly: F.interpolate's Python checks cost as much as the kernel on 32 px images.
-            out = torch.ops.aten._upsample_bicubic2d_aa(x, list(size), False)
-            _UINT8_BICUBIC_AA = True
-            return out
-        except (RuntimeError, NotImplementedError, AttributeError):
-            try:
-                out = F.interpolate(x, size=size, mode="bicubic", antialias=True, align_corners=False)
-                return out
-            except (RuntimeError, NotImplementedError):  # older torch: no uint8 bicubic kernel
-                _UINT8_BICUBIC_AA = False
-    return F.interpolate(x.float(), size=size, mode="bicubic", antialias=True, align_corners=False)
-
-
-def crop_resize_batch(images: Sequence[torch.Tensor], boxes: torch.Tensor, size: int,
-                      flips: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Crop ``boxes[i]`` out of ``images[i]`` (uint8 CHW), mirror it where ``flips[i]``, resize to ``size`` x ``size``.
-
-    Returns float (N, 3, S, S) in [0, 1]. Mirroring the small uint8 crop before the (mirror-symmetric) resize is the
-    same as mirroring the output, and cheaper.
-    """
-    out = torch.empty(len(images), 3, size, size, dtype=torch.float32)
-    flip_list = flips.tolist() if flips is not None else [False] * len(images)
-    clamp = False
-    for i, (img, box, flip) in enumerate(zip(images, boxes.tolist(), flip_list)):
-        t, l, h, w = box
-        crop = img[:, t:t + h, l:l + w]
-        if flip:
-            crop = crop.flip(-1)
-        if h == size and w == size:
-            out[i].copy_(crop)
-        else:
-            r = _resize_uint8(crop.unsqueeze(0), (size, size))
-            clamp = clamp or r.dtype != torch.uint8
-            out[i].copy_(r[0])
-    if clamp:
-        out.clamp_(0, 255)
-    return out.div_(255.0)
-
-
-def _gray(x: torch.Tensor) -> torch.Tensor:
-    """(N, 3, H, W) -> (N, 1, H, W) luma."""
-    r, g, b = x.unbind(1)
-    return (_GRAY_WEIGHTS[0] * r + _GRAY_WEIGHTS[1] * g + _GRAY_WEIGHTS[2] * b).unsqueeze(1)
-
-
-def _blend(x: torch.Tensor, other: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    f = factor.view(-1, 1, 1, 1)
-    return (x * f + other * (1.0 - f)).clamp_(0.0, 1.0)
-
-
-def adjust_brightness(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    return (x * factor.view(-1, 1, 1, 1)).clamp_(0.0, 1.0)
-
-
-def adjust_contrast(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    mean = _gray(x).mean(dim=(1, 2, 3), keepdim=True)
-    return _blend(x, mean, factor)
-
-
-def adjust_saturation(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    return _blend(x, _gray(x), factor)
-
-
-def adjust_hue(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    """Shift hue by ``factor`` (fraction of a turn, per sample) in HSV space; x in [0, 1], shape (N, 3, H, W).
-
-    Same result as torchvision's ``adjust_hue`` (RGB -> HSV, shift, HSV -> RGB), written with closed-form sector
-    arithmetic so that it vectorises over the batch.
-    """
-    maxc, argmax = x.max(dim=1)
-    minc = x.amin(dim=1)
-    delta = maxc - minc  # = v * s
-    r, g, b = x.unbind(1)
-    safe = torch.where(delta > 0, delta, torch.ones_like(delta))
-    h = torch.where(argmax == 0, (g - b) / safe, torch.where(argmax == 1, (b - r) / safe + 2.0, (r - g) / safe + 4.0))
-    h = torch.where(delta > 0, h, torch.zeros_like(h))  # hue in [-1, 5) sixths of a turn
-    h6 = torch.remainder(h + 6.0 * factor.view(-1, 1, 1), 6.0)
-    out = torch.empty_like(x)
-    for c, n in enumerate((5.0, 3.0, 1.0)):  # R, G, B
-        k = torch.remainder(h6 + n, 6.0)
-        t = torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0)
-        torch.sub(maxc, delta * t, out=out[:, c])
-    return out
-
-
-_JITTER_OPS = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
-
-
 @dataclass
 class ViewParams:
     """Random parameters of one view for a batch of N images (all tensors have first dimension N)."""
@@ -297,6 +197,9 @@ class ViewParams:
 
 def draw_view_params(cfg: AugmentConfig, view: int, heights: torch.Tensor, widths: torch.Tensor,
                      generator: Optional[torch.Generator] = None) -> ViewParams:
+    """Random parameters of view ``view`` (0 = a, 1 = b) for images of the given sizes, per sample as torchvision's
+    transforms draw them: crop box, flip, whether and how to jitter (factors and a random order), grayscale, blur
+    and its sigma, solarize."""
     n = heights.numel()
     boxes = sample_crop_boxes(heights, widths, cfg.crop_scale, cfg.crop_ratio, generator)
     u = torch.rand(n, 5, generator=generator)
@@ -316,166 +219,51 @@ def draw_view_params(cfg: AugmentConfig, view: int, heights: torch.Tensor, width
     )
 
 
-def _rows(mask: torch.Tensor) -> torch.Tensor:
-    return torch.nonzero(mask).squeeze(1)
+def batch_seed(seed: int, epoch: int, rank: int, batch: int) -> int:
+    """Seed of the augmentation of batch ``batch`` of an epoch on a rank: a batch's random parameters depend only on
+    these numbers, not on the batches produced before it (so a resumed epoch skips batches without drawing them)."""
+    import numpy as np
+
+    parts = [seed, epoch, rank, batch, 0xA116]
+    return int(np.random.SeedSequence([int(p) & 0xFFFFFFFF for p in parts]).generate_state(2, np.uint64)[0] >> 1)
 
 
-def color_jitter_(x: torch.Tensor, apply: torch.Tensor, factors: torch.Tensor, order: torch.Tensor,
-                  enabled: Sequence[bool] = (True, True, True, True)) -> torch.Tensor:
-    """ColorJitter on the rows where ``apply``: per-sample factors, the 4 ops in a per-sample order ``order``."""
-    if not bool(apply.any()):
-        return x
-    for step in range(4):
-        for op in range(4):
-            if not enabled[op]:
-                continue
-            idx = _rows(apply & (order[:, step] == op))
-            if idx.numel() == x.shape[0]:
-                x = _JITTER_OPS[op](x, factors[:, op])
-            elif idx.numel():
-                x[idx] = _JITTER_OPS[op](x[idx], factors[idx, op])
-    return x
+def draw_batch_params(cfg: AugmentConfig, heights: torch.Tensor, widths: torch.Tensor,
+                      seed: int) -> Tuple[ViewParams, ViewParams]:
+    """Parameters of both views of a batch (view a first), from a generator seeded with ``seed``."""
+    g = torch.Generator().manual_seed(int(seed))
+    return draw_view_params(cfg, 0, heights, widths, g), draw_view_params(cfg, 1, heights, widths, g)
 
 
-def grayscale_(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    idx = _rows(mask)
-    if idx.numel():
-        x[idx] = _gray(x[idx]).expand(-1, 3, -1, -1)
-    return x
+# ---------------------------------------------------------------------------------------------------------------------
+# uint8 resize (CPU)
+# ---------------------------------------------------------------------------------------------------------------------
 
 
-def gaussian_kernels(sigma: torch.Tensor, kernel_size: int) -> torch.Tensor:
-    """Normalised 1-D Gaussian kernels, shape (N, kernel_size), one per sigma (as torchvision builds them)."""
-    half = (kernel_size - 1) / 2
-    coords = torch.linspace(-half, half, kernel_size)
-    kern = torch.exp(-0.5 * (coords.view(1, -1) / sigma.view(-1, 1)) ** 2)
-    kern = kern / kern.sum(dim=1, keepdim=True)
-    # Zero the far tail: below float32 resolution anyway, and denormal weights (small sigma) slow the
-    # matrix products down tenfold on x86.
-    return torch.where(kern < 1e-12, torch.zeros_like(kern), kern)
+_UINT8_BICUBIC_AA: Optional[bool] = None
 
 
-def _reflect_band(n: int, kern: torch.Tensor) -> torch.Tensor:
-    """(m, n, n) matrices ``M`` with ``M[i] @ v`` = 1-D convolution of v (length n) with ``kern[i]``, reflect padding."""
-    m, k = kern.shape
-    src = torch.arange(n).view(n, 1) + torch.arange(k).view(1, k) - k // 2
-    if n == 1:
-        src = torch.zeros_like(src)
-    else:  # reflect (edge not repeated), as often as needed for kernels longer than the image
-        period = 2 * (n - 1)
-        src = torch.remainder(src, period)
-        src = torch.where(src > n - 1, period - src, src)
-    band = torch.zeros(m, n, n, dtype=kern.dtype)
-    band.scatter_add_(2, src.expand(m, n, k), kern.view(m, 1, k).expand(m, n, k))
-    return band
+def resize_uint8(x: torch.Tensor, size: Tuple[int, int], out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Bicubic antialiased resize of a uint8 (1, C, h, w) tensor to uint8 (1, C, *size), into ``out`` when given.
 
-
-def gaussian_blur_(x: torch.Tensor, mask: torch.Tensor, sigma: torch.Tensor, kernel_size: int) -> torch.Tensor:
-    """Separable Gaussian blur (reflect padding) of the rows where ``mask``, with a per-sample sigma.
-
-    Each 1-D pass is a batched matrix product with a banded matrix (faster on CPU than a grouped convolution).
+    Uses torch's uint8 kernel where it exists (CPU, torch >= 2.1; rounds like PIL), else resizes in float and rounds.
     """
-    idx = _rows(mask)
-    if idx.numel() == 0:
-        return x
-    hgt, wid = x.shape[-2:]
-    kern = gaussian_kernels(sigma[idx], kernel_size)
-    along_w = _reflect_band(wid, kern).transpose(1, 2).unsqueeze(1)  # (m, 1, W, W): rows @ M^T
-    along_h = along_w if hgt == wid else _reflect_band(hgt, kern).transpose(1, 2).unsqueeze(1)
-    sub = torch.matmul(x[idx], along_w)
-    sub = torch.matmul(along_h.transpose(2, 3), sub)
-    x[idx] = sub
-    return x
-
-
-def solarize_(x: torch.Tensor, mask: torch.Tensor, threshold: float) -> torch.Tensor:
-    idx = _rows(mask)
-    if idx.numel():
-        sub = x[idx]
-        x[idx] = torch.where(sub >= threshold, 1.0 - sub, sub)
-    return x
-
-
-def normalize_(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    m = torch.tensor(mean, dtype=x.dtype).view(1, -1, 1, 1)
-    s = torch.tensor(std, dtype=x.dtype).view(1, -1, 1, 1)
-    return x.sub_(m).div_(s)
-
-
-class BatchTwoViewAugment:
-    """Batched two-view augmentation: ``(list of uint8 CHW images, generator) -> (view_a, view_b)`` float tensors.
-
-    All random parameters of a batch are drawn first (from ``generator``); the pixel work then runs on chunks of
-    ``chunk_size`` images so that the working set stays in cache at large image sizes. ``profile`` (a dict)
-    accumulates CPU seconds per stage when given (used by the benchmark).
-    """
-
-    def __init__(self, augment: Union[str, AugmentConfig], image_size: int, chunk_size: Optional[int] = None):
-        self.config = get_augment_config(augment)
-        self.image_size = int(image_size)
-        self.blur_kernel = blur_kernel_size(self.image_size, self.config.blur_kernel_frac)
-        if chunk_size is None:  # about 1 MiB of float32 pixels per chunk
-            chunk_size = max(1, (1 << 20) // (12 * self.image_size * self.image_size))
-        self.chunk_size = int(chunk_size)
-        self._jitter_enabled = tuple(s > 0 for s in self.config.jitter)
-
-    def view(self, images: Sequence[torch.Tensor], view: int, generator: Optional[torch.Generator] = None,
-             profile: Optional[dict] = None) -> torch.Tensor:
-        cfg = self.config
-        clock = _Clock(profile)
-        hs = torch.tensor([im.shape[-2] for im in images])
-        ws = torch.tensor([im.shape[-1] for im in images])
-        params = draw_view_params(cfg, view, hs, ws, generator)
-        clock("params")
-        x = crop_resize_batch(images, params.boxes, self.image_size, params.flip)
-        clock("crop_resize_flip")
-        for start in range(0, len(images), self.chunk_size):
-            stop = min(start + self.chunk_size, len(images))
-            p = params.slice(start, stop)
-            xc = x[start:stop]
-            xc = color_jitter_(xc, p.jitter, p.jitter_factors, p.jitter_order, self._jitter_enabled)
-            clock("color_jitter")
-            xc = grayscale_(xc, p.gray)
-            clock("grayscale")
-            if cfg.blur_p[view] > 0:
-                xc = gaussian_blur_(xc, p.blur, p.blur_sigma, self.blur_kernel)
-                clock("blur")
-            if cfg.solarize_p[view] > 0:
-                xc = solarize_(xc, p.solarize, cfg.solarize_threshold)
-                clock("solarize")
-            x[start:stop] = normalize_(xc, cfg.mean, cfg.std)
-            clock("normalize")
-        return x
-
-    def __call__(self, images: Sequence[torch.Tensor], generator: Optional[torch.Generator] = None,
-                 profile: Optional[dict] = None):
-        return self.view(images, 0, generator, profile), self.view(images, 1, generator, profile)
-
-
-class _Clock:
-    def __init__(self, profile: Optional[dict]):
-        self.profile = profile
-        if profile is not None:
-            import time
-
-            self._time = time.process_time  # CPU time: meaningful on a shared machine (use one torch thread)
-            self.t = self._time()
-
-    def __call__(self, name: str) -> None:
-        if self.profile is None:
-            return
-        now = self._time()
-        self.profile[name] = self.profile.get(name, 0.0) + now - self.t
-        self.t = now
-
-
-def make_two_view_augment(augment: Union[str, AugmentConfig], image_size: int, backend: str = "batched"):
-    """Build the two-view augmentation: ``backend`` ``"batched"`` (fast, default) or ``"v2"`` (per-sample reference)."""
-    if backend == "batched":
-        return BatchTwoViewAugment(augment, image_size)
-    if backend == "v2":
-        return V2TwoViewAugment(augment, image_size)
-    raise ValueError(f"unknown augmentation backend {backend!r}; use 'batched' or 'v2'")
+    global _UINT8_BICUBIC_AA
+    size = [int(size[0]), int(size[1])]
+    if _UINT8_BICUBIC_AA is not False:
+        try:
+            # The aten op directly: F.interpolate's Python checks cost as much as the kernel on 32 px images.
+            if out is None:
+                res = torch.ops.aten._upsample_bicubic2d_aa(x, size, False)
+            else:
+                res = torch.ops.aten._upsample_bicubic2d_aa.out(x, size, False, None, None, out=out)
+            _UINT8_BICUBIC_AA = True
+            return res
+        except (RuntimeError, NotImplementedError, AttributeError):
+            _UINT8_BICUBIC_AA = False
+    res = F.interpolate(x.float(), size=size, mode="bicubic", antialias=True, align_corners=False)
+    res = res.round_().clamp_(0, 255).to(torch.uint8)
+    return res if out is None else out.copy_(res)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -508,7 +296,7 @@ class EvalTransform:
         if short != self.resize_size:
             scale = self.resize_size / short
             nh, nw = max(self.resize_size, round(h * scale)), max(self.resize_size, round(w * scale))
-            x = _resize_uint8(img.unsqueeze(0), (nh, nw))[0].float().clamp_(0, 255)
+            x = resize_uint8(img.unsqueeze(0), (nh, nw))[0].float()
         else:
             x = img.float()
             nh, nw = h, w

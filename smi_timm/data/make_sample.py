@@ -25,7 +25,8 @@ from .stats import DataStats
 DEFAULT_OUT = Path(__file__).resolve().parent / "sample"
 SPLITS = (("train", 400, 1000), ("test", 100, 500))  # split, images per class, images per shard
 
-CITATION = "Alex Krizhevsky (2009), Learning Multiple Layers of Features from Tiny Images, Technical Report, University of Toronto"
+CITATION = ("Alex Krizhevsky (2009), Learning Multiple Layers of Features from Tiny Images, Technical Report, "
+            "University of Toronto")
 
 
 def _sha256(path: Path) -> str:

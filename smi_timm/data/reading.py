@@ -14,7 +14,7 @@ import struct
 import tarfile
 import warnings
 import zlib
-from typing import TYPE_CHECKING, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Dict, Iterable, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
 from urllib.parse import urlparse
 
 from .stats import DataStats
@@ -48,10 +48,47 @@ def _local_path(url: str) -> str:
     return urlparse(url).path if url.startswith("file:") else url
 
 
-def _braceexpand(pattern: str) -> List[str]:
-    import braceexpand
+_BRACE = re.compile(r"\{([^{}]*)\}")
 
-    return list(braceexpand.braceexpand(pattern))
+
+def _braceexpand(pattern: str) -> List[str]:
+    """Expand ``{a,b}`` alternatives and ``{000..009}`` ranges (the ``braceexpand`` package when installed; else
+    the same rules for non-nested braces, enough for shard patterns)."""
+    try:
+        import braceexpand
+    except ImportError:
+        pass
+    else:
+        return list(braceexpand.braceexpand(pattern))
+    m = _BRACE.search(pattern)
+    if m is None:
+        return [pattern]
+    body = m.group(1)
+    rng = re.fullmatch(r"(-?\d+)\.\.(-?\d+)(?:\.\.(-?\d+))?", body)
+    if rng:
+        a, b = int(rng.group(1)), int(rng.group(2))
+        step = abs(int(rng.group(3) or 1)) * (1 if b >= a else -1)
+        width = len(rng.group(1)) if rng.group(1).lstrip("-").startswith("0") else 0
+        options = [str(i).zfill(width) for i in range(a, b + step, step)]
+    elif "," in body:
+        options = body.split(",")
+    else:
+        options = ["{" + body + "}"]
+    head, tail = pattern[:m.start()], pattern[m.end():]
+    return [head + o + rest for o in options for rest in _braceexpand(tail)]
+
+
+#: Data specs that name the CIFAR-10 sample bundled with the package (``sample`` = ``sample:train``).
+SAMPLE_SPECS = ("sample", "sample:train", "sample:test")
+
+
+def _sample_spec(part: str) -> Optional[List[str]]:
+    """The bundled sample's shard paths when ``part`` is ``sample`` or ``sample:<split>``, else ``None``."""
+    if part != "sample" and not part.startswith("sample:"):
+        return None
+    from .bundled import sample_shards
+
+    return sample_shards(part.partition(":")[2] or "train")
 
 
 def expand_urls(urls: UrlSpec) -> List[str]:
@@ -59,10 +96,12 @@ def expand_urls(urls: UrlSpec) -> List[str]:
 
     Accepts a string or path, or a list of them. Each string may hold several specs separated by ``::``; brace
     patterns (``train-{000000..000004}.tar``) are expanded, then local glob patterns (``train-*.tar.gz``) are matched
-    (sorted). ``pipe:`` and other URLs are passed through as in webdataset.
+    (sorted). ``pipe:`` and other URLs are passed through as in webdataset. ``sample``, ``sample:train`` and
+    ``sample:test`` name the CIFAR-10 sample bundled with the package (:func:`smi_timm.data.sample_shards`); write
+    ``./sample`` for a local file of that name.
 
     Raises:
-        ValueError: nothing given (empty list or string).
+        ValueError: nothing given (empty list or string), or ``sample:<split>`` with an unknown split.
         FileNotFoundError: a glob pattern matched no file.
     """
     if isinstance(urls, (str, os.PathLike)):
@@ -76,6 +115,10 @@ def expand_urls(urls: UrlSpec) -> List[str]:
         for part in spec.split("::") if "::" in spec and not spec.startswith("pipe:") else [spec]:
             part = part.strip()
             if not part:
+                continue
+            bundled = _sample_spec(part)
+            if bundled is not None:
+                out.extend(bundled)
                 continue
             for url in _braceexpand(part):
                 if _is_local(url) and _GLOB_CHARS.search(_local_path(url)):
@@ -110,7 +153,8 @@ def check_local_shards(urls: Sequence[str], stats: Optional[DataStats] = None) -
     if missing:
         import warnings
 
-        warnings.warn(f"{len(missing)} of {len(urls)} shard file(s) are missing and will be skipped, e.g. {missing[0]!r}",
+        warnings.warn(f"{len(missing)} of {len(urls)} shard file(s) are missing and will be skipped, "
+                      f"e.g. {missing[0]!r}",
                       stacklevel=3)
     return keep
 
@@ -128,37 +172,59 @@ def read_index(path: Union[str, os.PathLike]) -> dict:
     return index
 
 
+def _dir_index(d: str) -> Tuple[Dict[str, Tuple[int, bool]], Optional[List[str]]]:
+    """``{shard name: (samples, labeled)}`` and the first class list of the JSON indexes in folder ``d``."""
+    table: Dict[str, Tuple[int, bool]] = {}
+    classes: Optional[List[str]] = None
+    for jf in sorted(glob.glob(os.path.join(glob.escape(d), "*.json"))):
+        try:
+            index = read_index(jf)
+            labeled = bool(index.get("labeled", True))
+            for entry in index["shards"]:
+                table.setdefault(entry["name"], (int(entry["samples"]), labeled))
+            if classes is None and index.get("classes"):
+                classes = list(index["classes"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return table, classes
+
+
 def find_index(urls: Sequence[str]) -> Tuple[Optional[Dict[str, int]], Optional[List[str]]]:
     """Look for JSON shard indexes next to local shards.
 
     Returns ``(counts, classes)``: ``counts`` maps each URL to its sample count, or is ``None`` when some shard is not
     listed in any index (or is not local); ``classes`` is the class list of the first index that has one.
     """
-    by_dir: Dict[str, Dict[str, int]] = {}
+    counts, classes, _ = index_info(urls)
+    return counts, classes
+
+
+def index_info(urls: Sequence[str]) -> Tuple[Optional[Dict[str, int]], Optional[List[str]], List[str]]:
+    """:func:`find_index` plus the shards that an index marks as unlabeled (``"labeled": false``, written by
+    ``smi-make-shards`` for a folder without class sub-folders)."""
+    by_dir: Dict[str, Tuple[Dict[str, Tuple[int, bool]], Optional[List[str]]]] = {}
     classes: Optional[List[str]] = None
-    counts: Dict[str, int] = {}
+    counts: Optional[Dict[str, int]] = {}
+    unlabeled: List[str] = []
     for url in urls:
         if not _is_local(url):
-            return None, classes
+            counts = None
+            continue
         path = _local_path(url)
         d = os.path.dirname(os.path.abspath(path))
         if d not in by_dir:
-            table: Dict[str, int] = {}
-            for jf in sorted(glob.glob(os.path.join(glob.escape(d), "*.json"))):
-                try:
-                    index = read_index(jf)
-                    for entry in index["shards"]:
-                        table.setdefault(entry["name"], int(entry["samples"]))
-                    if classes is None and index.get("classes"):
-                        classes = list(index["classes"])
-                except (OSError, ValueError, KeyError, TypeError):
-                    continue
-            by_dir[d] = table
-        name = os.path.basename(path)
-        if name not in by_dir[d]:
-            return None, classes
-        counts[url] = by_dir[d][name]
-    return counts, classes
+            by_dir[d] = _dir_index(d)
+            if classes is None:
+                classes = by_dir[d][1]
+        entry = by_dir[d][0].get(os.path.basename(path))
+        if entry is None:
+            counts = None
+            continue
+        if counts is not None:
+            counts[url] = entry[0]
+        if not entry[1]:
+            unlabeled.append(url)
+    return counts, classes, unlabeled
 
 
 def count_samples(urls: UrlSpec) -> Dict[str, int]:
@@ -319,7 +385,10 @@ def iter_tar_members(f) -> Iterator[Tuple[str, bytes]]:
             yield name, data
         elif typeflag in (b"L", b"x"):
             data = _read_exact(f, padded)[:size]
-            long_name = data.split(b"\0", 1)[0].decode("utf-8", "surrogateescape") if typeflag == b"L" else _pax_path(data)
+            if typeflag == b"L":
+                long_name = data.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+            else:
+                long_name = _pax_path(data)
         else:  # directories, links, global pax headers, ...: skip the data
             if padded:
                 _read_exact(f, padded)
@@ -409,13 +478,16 @@ _GRAY_MODES = {"L", "1", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
 _ALPHA_MODES = {"RGBA", "LA", "PA", "RGBa", "La"}
 
 
-def _pil_to_rgb(data: bytes, stats: DataStats, is_jpeg: bool) -> "Optional[torch.Tensor]":
+def _pil_to_rgb(data: bytes, stats: DataStats, is_jpeg: bool,
+                max_side: Optional[int] = None) -> "Optional[torch.Tensor]":
     import numpy as np
     import torch
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(io.BytesIO(data)) as im:
+            if max_side and max(im.size) > max_side:
+                im = _reduced(im, max_side)
             im.load()  # full decode: a truncated file raises here
             mode = im.mode
             if mode != "RGB":
@@ -443,6 +515,92 @@ def _pil_to_rgb(data: bytes, stats: DataStats, is_jpeg: bool) -> "Optional[torch
     return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
 
 
+# ---------------------------------------------------------------------------------------------------------------------
+# Cheap checks before decoding
+# ---------------------------------------------------------------------------------------------------------------------
+
+#: Start-of-frame markers (JPEG), and those of the baseline / extended sequential Huffman processes (8-bit) that
+#: GPU decoders (nvJPEG) decode in hardware.
+_SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+_SEQUENTIAL_HUFFMAN = (0xC0, 0xC1)
+_STANDALONE = frozenset([0x01, *range(0xD0, 0xD8)])  # TEM, RST0-7: markers without a length field
+_SAMPLING_OK = {(1, 1), (2, 1), (1, 2), (2, 2)}  # luma sampling of 4:4:4, 4:2:2, 4:4:0, 4:2:0 (chroma 1x1)
+_MAGIC = (b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"BM", b"II*\x00", b"MM\x00*", b"qoif", b"\x00\x00\x01\x00",
+          b"\x00\x00\x00\x0cjP  ", b"\xffO\xffQ")
+
+
+class ImageProbe(NamedTuple):
+    """What the first bytes of an image say: ``kind`` is ``"jpeg"`` (a complete, baseline 8-bit 3-component JPEG
+    that a GPU decoder takes), ``"other"`` (a JPEG of another kind: grayscale, CMYK, progressive, ...; or another
+    image format: decoded on the CPU) or ``"bad"`` (empty, truncated, or not an image format we know)."""
+
+    kind: str
+    height: int = 0
+    width: int = 0
+
+
+_BAD = ImageProbe("bad")
+
+
+def _probe_jpeg(data: bytes) -> ImageProbe:
+    n = len(data)
+    pos, sof, adobe_rgb = 2, None, False
+    while pos + 4 <= n:
+        if data[pos] != 0xFF:
+            return _BAD
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        if marker in _STANDALONE or marker == 0xD8:
+            pos += 2
+            continue
+        if marker == 0xD9:  # end of image before any scan
+            return _BAD
+        seg = (data[pos + 2] << 8) | data[pos + 3]
+        if seg < 2 or pos + 2 + seg > n:
+            return _BAD
+        if marker in _SOF_MARKERS and seg >= 8:
+            ncomp = data[pos + 9]
+            sampling = [(data[pos + 11 + 3 * i] >> 4, data[pos + 11 + 3 * i] & 15) for i in range(ncomp)
+                        if pos + 12 + 3 * i <= n]
+            sof = (marker, data[pos + 4], (data[pos + 5] << 8) | data[pos + 6], (data[pos + 7] << 8) | data[pos + 8],
+                   ncomp, sampling)
+        elif marker == 0xEE and data[pos + 4:pos + 9] == b"Adobe" and seg >= 12:
+            adobe_rgb = data[pos + 15] == 0  # 3 components stored as RGB, not YCbCr
+        elif marker == 0xDA:  # start of scan: the header is complete; the data must end with an end-of-image marker
+            if sof is None or data.rfind(b"\xff\xd9", pos) < 0:
+                return _BAD
+            kind, precision, h, w, ncomp, sampling = sof
+            if h == 0 or w == 0:
+                return ImageProbe("other")
+            hardware = (kind in _SEQUENTIAL_HUFFMAN and precision == 8 and ncomp == 3 and not adobe_rgb
+                        and len(sampling) == 3 and sampling[0] in _SAMPLING_OK and sampling[1] == sampling[2] == (1, 1))
+            return ImageProbe("jpeg" if hardware else "other", h, w)
+        pos += 2 + seg
+    return _BAD
+
+
+def probe_image(data: Optional[bytes]) -> ImageProbe:
+    """Classify image bytes without decoding them (a few microseconds: JPEG marker walk, magic numbers).
+
+    A JPEG must have a frame header, a scan and an end-of-image marker after it (a truncated file has none); other
+    formats are recognised by their magic numbers (PNG, GIF, BMP, WebP, TIFF, PNM, QOI, ICO, JPEG 2000).
+    """
+    if not data or len(data) < 4:
+        return _BAD
+    if data[:2] == b"\xff\xd8":
+        return _probe_jpeg(data)
+    if data.startswith(_MAGIC) or (data[:4] == b"RIFF" and data[8:12] == b"WEBP") or \
+            (data[:1] == b"P" and data[1:2] in b"1234567" and data[2:3] in b" \t\r\n#"):
+        return ImageProbe("other")
+    return _BAD
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Decoding
+# ---------------------------------------------------------------------------------------------------------------------
+
 _JPEG: Optional[tuple] = None
 
 
@@ -459,16 +617,35 @@ def _jpeg_decoder():
     return _JPEG or None
 
 
-def decode_image(data: bytes, stats: DataStats) -> "Optional[torch.Tensor]":
+def _reduced(im, max_side: int):
+    """``im`` decoded at a reduced size with its long side in [max_side / 2, max_side]: JPEG DCT scaling (1/2, 1/4,
+    1/8, nearly free) where the format allows, then an integer box reduction if still too large."""
+    w, h = im.size
+    target = max(1, -(-max_side // 2))
+    if im.format == "JPEG":
+        im.draft(im.mode if im.mode in ("RGB", "L") else None, (max(1, w * target // max(w, h)),
+                                                              max(1, h * target // max(w, h))))
+    im.load()
+    factor = -(-max(im.size) // max_side)
+    return im.reduce(factor) if factor > 1 else im
+
+
+def decode_image(data: bytes, stats: DataStats, max_side: Optional[int] = None) -> "Optional[torch.Tensor]":
     """Decode image bytes to a uint8 RGB tensor (3, H, W), or ``None`` (counted as ``undecodable``).
 
     RGB and grayscale JPEGs take the fast path (``torchvision.io.decode_jpeg``); everything else (CMYK JPEGs, PNG,
-    WebP, palette or alpha images, ...) goes through PIL and is converted to RGB. Conversions are counted.
+    WebP, palette or alpha images, ...) goes through PIL and is converted to RGB. Conversions are counted. With
+    ``max_side``, larger images are decoded at a reduced size (long side between ``max_side / 2`` and ``max_side``;
+    JPEGs by DCT scaling, which also makes them much cheaper to decode).
     """
     if not data:
         stats.add("undecodable")
         return None
     is_jpeg = data[:2] == b"\xff\xd8"
+    if max_side and is_jpeg:
+        probe = probe_image(data)
+        if max(probe.height, probe.width) > max_side:
+            return _pil_to_rgb(data, stats, is_jpeg, max_side)
     if is_jpeg and _jpeg_decoder() is not None:
         import torch
 
@@ -489,4 +666,4 @@ def decode_image(data: bytes, stats: DataStats) -> "Optional[torch.Tensor]":
             if c == 1:
                 stats.add("converted_grayscale")
                 return img.expand(3, -1, -1).contiguous()
-    return _pil_to_rgb(data, stats, is_jpeg)
+    return _pil_to_rgb(data, stats, is_jpeg, max_side)

@@ -1,10 +1,12 @@
 """Write image datasets as WebDataset shards: ``smi-make-shards SRC OUT_PATTERN``.
 
-SRC is an ImageFolder-style directory (one sub-folder per class; sorted folder names give the class indices) or a
-text file of ``path<TAB>label`` lines (paths relative to the text file; labels are integers or class names).
-Each sample is stored as ``<key>.jpg`` (the original bytes of JPEG files; other formats are re-encoded to JPEG)
-and ``<key>.cls`` (class index as ASCII). A JSON index ``OUT_DIR/<split>.json`` records the shard names, the number
-of samples per shard, the classes and the total; the loaders read it for the epoch length.
+SRC is an ImageFolder-style directory (one sub-folder per class; sorted folder names give the class indices), a
+folder of unlabeled images (no sub-folders, or ``--unlabeled``: every image under SRC, recursively), or a text file
+of ``path<TAB>label`` lines (paths relative to the text file; labels are integers or class names). Each sample is
+stored as ``<key>.jpg`` (the original bytes of JPEG files; other formats are re-encoded to JPEG) and, when labelled,
+``<key>.cls`` (class index as ASCII). A JSON index ``OUT_DIR/<split>.json`` records the shard names, the number of
+samples per shard, the classes (or ``"labeled": false``) and the total; the loaders read it for the epoch length,
+and the eval loader refuses unlabeled shards.
 
 Output is deterministic: for the same inputs and ``--shuffle-seed`` the shards are byte-identical (tar headers
 carry mtime 0, uid/gid 0, no user names; gzip headers carry no name or time).
@@ -60,7 +62,8 @@ def _check_pattern(pattern: str) -> None:
     try:
         a, b = pattern % 0, pattern % 1
     except (TypeError, ValueError):
-        raise ValueError(f"output pattern {pattern!r} needs one integer field such as %06d, e.g. out/train-%06d.tar") from None
+        raise ValueError(f"output pattern {pattern!r} needs one integer field such as %06d, "
+                         "e.g. out/train-%06d.tar") from None
     if a == b:
         raise ValueError(f"output pattern {pattern!r} needs one integer field such as %06d")
     if not any(a.endswith(s) for s in SHARD_SUFFIXES):
@@ -136,11 +139,14 @@ class ShardSink:
 
 
 def write_index(path: PathLike, split: str, shard_paths: Sequence[str], counts: Sequence[int],
-                classes: Optional[Sequence[str]], num_classes: Optional[int] = None, extra: Optional[dict] = None) -> str:
-    """Write the JSON index the loaders use for the epoch length (shard names relative to the index's folder)."""
+                classes: Optional[Sequence[str]], num_classes: Optional[int] = None, extra: Optional[dict] = None,
+                labeled: bool = True) -> str:
+    """Write the JSON index the loaders use for the epoch length (shard names relative to the index's folder);
+    ``labeled=False`` marks shards without ``cls`` entries (pretraining only)."""
     index = {
         "format": INDEX_FORMAT,
         "split": split,
+        "labeled": bool(labeled),
         "num_samples": int(sum(counts)),
         "num_classes": int(num_classes if num_classes is not None else (len(classes) if classes else 0)),
         "classes": list(classes) if classes is not None else None,
@@ -162,24 +168,43 @@ def write_index(path: PathLike, split: str, shard_paths: Sequence[str], counts: 
 
 @dataclass
 class _Source:
-    items: List[Tuple[str, int]]  # (path, class index)
+    items: List[Tuple[str, int]]  # (path, class index; -1 = unlabeled)
     classes: Optional[List[str]]
     num_classes: int
     skipped: List[Tuple[str, str]]
+    labeled: bool = True
 
 
-def _list_folder(root: Path) -> _Source:
+def _walk(root: Path) -> List[str]:
+    """Every non-hidden file under ``root``, recursively, in sorted order."""
+    out = []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        out.extend(os.path.join(dirpath, fn) for fn in sorted(filenames) if not fn.startswith("."))
+    return out
+
+
+def _list_folder(root: Path, unlabeled: Optional[bool] = None) -> _Source:
+    """ImageFolder layout (``ROOT/<class>/...``), or unlabeled images: with ``unlabeled=True`` every file under
+    ``ROOT``; with ``None``, when ``ROOT`` has no sub-folders (its files then)."""
     classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if unlabeled or (unlabeled is None and not classes):
+        return _Source([(p, -1) for p in _walk(root)], None, 0, [], labeled=False)
     if not classes:
-        raise ValueError(f"{root}: no class sub-folders (expected ROOT/<class>/<image>)")
-    items = []
-    for idx, name in enumerate(classes):
-        for dirpath, dirnames, filenames in os.walk(root / name, followlinks=True):
-            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-            for fn in sorted(filenames):
-                if not fn.startswith("."):
-                    items.append((os.path.join(dirpath, fn), idx))
+        raise ValueError(f"{root}: no class sub-folders (expected ROOT/<class>/<image> with --labeled; "
+                         f"without it, a folder of images is written as unlabeled shards)")
+    items = [(p, idx) for idx, name in enumerate(classes) for p in _walk(root / name)]
     return _Source(items, classes, len(classes), [])
+
+
+def _list_source(src: Path, unlabeled: Optional[bool]) -> _Source:
+    if src.is_dir():
+        return _list_folder(src, unlabeled)
+    if src.is_file():
+        if unlabeled:
+            raise ValueError(f"{os.fspath(src)!r} is a file; --unlabeled takes a folder of images")
+        return _list_textfile(src)
+    raise FileNotFoundError(f"source {os.fspath(src)!r} is neither a directory nor a text file")
 
 
 def _list_textfile(path: Path) -> _Source:
@@ -259,6 +284,7 @@ class ShardWriteSummary:
     reencoded: int
     skipped: List[Tuple[str, str]] = field(default_factory=list)
     seconds: float = 0.0
+    labeled: bool = True
 
     @property
     def num_skipped(self) -> int:
@@ -272,8 +298,9 @@ class ShardWriteSummary:
     def format(self, max_skipped: int = 50) -> str:
         rate = self.num_samples / self.seconds if self.seconds > 0 else float("nan")
         out_dir = os.path.dirname(self.index) or "."
+        what = f"{self.num_classes} classes" if self.labeled else "unlabeled"
         lines = [
-            f"wrote {self.num_samples} samples ({self.num_classes} classes) into {len(self.shards)} shard(s) in "
+            f"wrote {self.num_samples} samples ({what}) into {len(self.shards)} shard(s) in "
             f"{out_dir} in {self.seconds:.1f} s ({rate:.0f} images/s)",
             f"index: {self.index}",
             f"re-encoded to JPEG: {self.reencoded}",
@@ -296,8 +323,10 @@ def write_shards(
     workers: int = 1,
     compresslevel: int = 9,
     progress: bool = True,
+    unlabeled: Optional[bool] = None,
 ) -> ShardWriteSummary:
-    """Write the images of ``src`` (ImageFolder directory or ``path<TAB>label`` text file) as WebDataset shards.
+    """Write the images of ``src`` (ImageFolder directory, folder of unlabeled images, or ``path<TAB>label`` text
+    file) as WebDataset shards.
 
     Args:
         src: dataset root or text file.
@@ -309,19 +338,16 @@ def write_shards(
         workers: processes reading and checking images (order and output do not depend on it).
         compresslevel: gzip level for ``.tar.gz`` output.
         progress: show a tqdm progress bar (images/s).
+        unlabeled: ``True``: every image under ``src`` (recursively), no labels; ``False``: class sub-folders
+            required; ``None`` (default): unlabeled when ``src`` has no sub-folders. Unlabeled shards hold ``jpg``
+            only and their index says ``"labeled": false``.
 
     Unreadable or non-image files are skipped and listed in the summary; the run does not stop for them.
     """
     t0 = time.perf_counter()
-    src = Path(src)
     pattern = os.fspath(out_pattern)
     _check_pattern(pattern)
-    if src.is_dir():
-        source = _list_folder(src)
-    elif src.is_file():
-        source = _list_textfile(src)
-    else:
-        raise FileNotFoundError(f"source {os.fspath(src)!r} is neither a directory nor a text file")
+    source = _list_source(Path(src), unlabeled)
     items = list(source.items)
     if shuffle_seed is not None:
         random.Random(shuffle_seed).shuffle(items)
@@ -348,7 +374,8 @@ def write_shards(
                 if data is None:
                     skipped.append((path, reason))
                     continue
-                sink.write(f"{n:08d}", {"jpg": data, "cls": str(label).encode("ascii")})
+                entries = {"jpg": data} if label < 0 else {"jpg": data, "cls": str(label).encode("ascii")}
+                sink.write(f"{n:08d}", entries)
                 n += 1
                 reencoded += int(was_reencoded)
         shard_paths, counts = sink.paths, sink.counts
@@ -359,21 +386,23 @@ def write_shards(
             pool.join()
     index_path = os.path.join(os.path.dirname(pattern) or ".", f"{split}.json")
     if shard_paths:
-        write_index(index_path, split, shard_paths, counts, source.classes, source.num_classes)
+        write_index(index_path, split, shard_paths, counts, source.classes, source.num_classes,
+                    labeled=source.labeled)
     return ShardWriteSummary(
         split=split, index=index_path if shard_paths else "", shards=shard_paths, samples_per_shard=counts,
         num_samples=sum(counts), num_classes=source.num_classes, classes=source.classes, reencoded=reencoded,
-        skipped=skipped, seconds=time.perf_counter() - t0,
+        skipped=skipped, seconds=time.perf_counter() - t0, labeled=source.labeled,
     )
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(
         prog="smi-make-shards",
-        description="Write an image folder (one sub-folder per class) or a 'path<TAB>label' list as WebDataset "
-                    "shards with a JSON index.",
+        description="Write an image folder (one sub-folder per class, or unlabeled images) or a 'path<TAB>label' "
+                    "list as WebDataset shards with a JSON index.",
     )
-    parser.add_argument("src", help="ImageFolder-style directory, or text file of path<TAB>label lines")
+    parser.add_argument("src", help="ImageFolder-style directory, folder of unlabeled images, or text file of "
+                                    "path<TAB>label lines")
     parser.add_argument("out_pattern", help="shard pattern with an integer field, e.g. out/train-%%06d.tar or .tar.gz")
     parser.add_argument("--maxcount", type=int, default=10000, help="samples per shard at most (default 10000)")
     parser.add_argument("--maxsize", type=int, default=1 << 30, help="tar bytes per shard at most (default 1 GiB)")
@@ -383,12 +412,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--workers", type=int, default=1, help="processes reading images (default 1)")
     parser.add_argument("--summary-json", default=None, help="also write the summary (with all skipped files) here")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    labels = parser.add_mutually_exclusive_group()
+    labels.add_argument("--unlabeled", dest="unlabeled", action="store_const", const=True, default=None,
+                        help="no labels: every image under SRC, recursively (default when SRC has no sub-folders)")
+    labels.add_argument("--labeled", dest="unlabeled", action="store_const", const=False,
+                        help="require class sub-folders (SRC/<class>/<image>)")
     args = parser.parse_args(argv)
     try:
         summary = write_shards(
             args.src, args.out_pattern, maxcount=args.maxcount, maxsize=args.maxsize,
             shuffle_seed=None if args.shuffle_seed < 0 else args.shuffle_seed, quality=args.quality,
-            workers=args.workers, progress=not args.no_progress,
+            workers=args.workers, progress=not args.no_progress, unlabeled=args.unlabeled,
         )
     except (OSError, ValueError) as e:
         print(f"smi-make-shards: error: {e}", file=sys.stderr)
