@@ -19,34 +19,27 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import resource
-import statistics
 import subprocess
 import sys
-import time
-from datetime import date
 from pathlib import Path
 
 import torch
 
+from _common import environment, peak_mib, sync, time_ms, today
+
 LOSSES = ("smi", "barlow", "vicreg")
 
 
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def _peak_mb(device):
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated() / 2 ** 20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
+def _peak_rss_mib() -> float:
+    """Peak resident set size of this process (the CPU's only peak-memory counter; ``ru_maxrss`` is KiB on Linux)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 def measure(kind: str, loss_name: str, dim: int, batch: int, model_name: str, cifar_stem: bool, image_size: int,
             repeats: int, device: str, amp: str = "no") -> dict:
-    """One measurement in this process: median time (ms) over ``repeats`` after warm-up, peak memory (MiB).
+    """One measurement in this process: median time (ms; ``triton.testing.do_bench`` on CUDA) over ``repeats`` after
+    warm-up, and peak memory (MiB).
 
     ``amp="bf16"`` runs the model forward under ``torch.autocast`` (CUDA), as ``--mixed-precision bf16`` training does.
     """
@@ -76,24 +69,18 @@ def measure(kind: str, loss_name: str, dim: int, batch: int, model_name: str, ci
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-    _sync(dev)
-    base = torch.cuda.memory_allocated() / 2 ** 20 if dev.type == "cuda" else _peak_mb(dev)
-    for _ in range(3 if dev.type == "cuda" else 1):  # warm-up (CUDA: cuDNN algorithm choice, Triton autotuning)
-        run()
-    _sync(dev)
+    sync(dev)
     if dev.type == "cuda":
-        # steady state: the autotuner's one-off timing buffers (Triton allocates a 256 MB cache-flush buffer) and
-        # the first step's optimizer-state allocation are not part of what a training step needs
-        torch.cuda.reset_peak_memory_stats()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
+        # one warm-up call (cuDNN algorithm choice, Triton compilation, the optimizer state), then the extra memory
+        # of one steady-state call; do_bench's own cache-flush buffer is not part of what a training step needs
+        peak = peak_mib(run, dev)
+    else:  # the peak RSS of this fresh process above its baseline after set-up
+        base = _peak_rss_mib()
         run()
-        _sync(dev)
-        times.append((time.perf_counter() - t0) * 1e3)
-    ms = statistics.median(times)
+        peak = _peak_rss_mib() - base
+    ms = time_ms(run, dev, repeats, warmup=1)
     out = {"kind": kind, "loss": loss_name, "dim": dim, "batch": batch, "amp": amp, "ms": round(ms, 2),
-           "peak_extra_mib": round(_peak_mb(dev) - base, 1)}
+           "peak_extra_mib": round(peak, 1)}
     if kind == "step":
         out["images_per_s"] = round(batch / (ms / 1e3), 2)
     return out
@@ -140,16 +127,16 @@ def main(argv=None) -> int:
                 print(json.dumps(res), flush=True)
     by = {(r["kind"], r["loss"], r["dim"]): r for r in rows}
     stem = "CIFAR stem" if args.cifar_stem else "standard stem"
-    lines = [f"| measurement | projector | " + " | ".join(f"{l} ms" for l in args.losses) +
-             " | " + " | ".join(f"{l} peak MiB" for l in args.losses) +
+    lines = ["| measurement | projector | " + " | ".join(f"{name} ms" for name in args.losses) +
+             " | " + " | ".join(f"{name} peak MiB" for name in args.losses) +
              (" | Barlow / SMI time | Barlow / SMI memory |" if {"smi", "barlow"} <= set(args.losses) else " |"),
              "|---|---:|" + "---:|" * (2 * len(args.losses)) + ("---:|---:|" if {"smi", "barlow"} <= set(args.losses)
                                                                  else "")]
     for dim in args.dims:
         for kind in ("loss", "step"):
             label = "loss fwd+bwd" if kind == "loss" else f"train step ({args.model}, {stem}, {args.image_size} px)"
-            cells = [f"{by[(kind, l, dim)]['ms']:.1f}" for l in args.losses]
-            cells += [f"{by[(kind, l, dim)]['peak_extra_mib']:.0f}" for l in args.losses]
+            cells = [f"{by[(kind, name, dim)]['ms']:.1f}" for name in args.losses]
+            cells += [f"{by[(kind, name, dim)]['peak_extra_mib']:.0f}" for name in args.losses]
             line = f"| {label} | {dim}-{dim}-{dim} | " + " | ".join(cells) + " |"
             if {"smi", "barlow"} <= set(args.losses):
                 s, b = by[(kind, "smi", dim)], by[(kind, "barlow", dim)]
@@ -162,14 +149,15 @@ def main(argv=None) -> int:
         f"{r['loss']} {r['dim']}: {r['images_per_s']:.1f}" for r in steps))
     table = "\n".join(lines)
     print()
-    print(f"{date.today()}, {platform.processor() or platform.machine()}, device {args.device}, torch "
-          f"{torch.__version__}, batch {args.batch}, amp {args.amp}, threads {torch.get_num_threads()}")
+    env = environment(args.device)
+    print(f"{env['date']}, {env['hardware']}, device {args.device}, torch {env['torch']}, batch {args.batch}, "
+          f"amp {args.amp}, threads {env['torch_threads']}")
     print(table)
     out = Path(args.out or Path(__file__).parent / "results" / f"efficiency_{args.device}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"date": str(date.today()), "device": args.device, "torch": torch.__version__,
-                               "threads": torch.get_num_threads(), "args": {k: v for k, v in vars(args).items()
-                                                                            if k not in ("_one", "out")},
+    out.write_text(json.dumps({"date": today(), "device": args.device, "environment": env,
+                               "torch": torch.__version__, "threads": torch.get_num_threads(),
+                               "args": {k: v for k, v in vars(args).items() if k not in ("_one", "out")},
                                "rows": rows, "table": table}, indent=2))
     print(f"wrote {out}")
     return 0

@@ -26,9 +26,10 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import compare_methods as harness  # noqa: E402
-from smi_timm.eval import run_knn  # noqa: E402
+from smi_timm.eval import run_knn
+
+import compare_methods as harness  # benchmarks/ is on sys.path when this file runs as a script
+from _common import hardware
 
 
 def _free_port() -> int:
@@ -50,9 +51,9 @@ def main(argv=None) -> int:
 
     preset = harness.PRESETS["cpu"]
     steps = args.steps or preset["sweep_steps"]
-    val = harness._load(Path(args.sweep_from), "val")
-    lr, extra = harness._smi_choice(val, preset["sweep_steps"])
-    splits = harness._splits(argparse.Namespace(data_dir=args.data_dir), preset)
+    val = harness.load_records(Path(args.sweep_from), "val")
+    lr, extra = harness.smi_choice(val, preset["sweep_steps"])
+    splits = harness.data_splits(argparse.Namespace(data_dir=args.data_dir), preset)
     t = preset["train"]
     nproc, per_rank = 2, t["batch_size"] // 2
     out = Path(args.out)
@@ -91,7 +92,7 @@ def main(argv=None) -> int:
         record = dict(mode=mode, processes=nproc, batch_per_process=per_rank, lr=lr, extra=extra, steps=steps,
                       lr_biases=None if args.lr_biases.lower() == "none" else float(args.lr_biases),
                       val_knn_top1=knn["top1"], val_knn_top5=knn["top5"], train_seconds=round(train_s, 1),
-                      date=str(date.today()), hardware=harness._hardware())
+                      date=str(date.today()), hardware=hardware())
         record_path.write_text(json.dumps(record, indent=2))
         rows.append(record)
         print(f"[gather {mode}] val_knn_top1={knn['top1']}", flush=True)

@@ -18,6 +18,8 @@ import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from _common import environment
+
 TRIALS = [
     {"neg_weight": 1.0, "eps": 1e-3, "lr": 0.3},
     {"neg_weight": 16.0, "eps": 1e-2, "lr": 0.3},
@@ -67,7 +69,8 @@ def main(argv=None) -> int:
                      f"{p_['k20_top1']:.1f} | {q['k200_top1']:.1f} / {q['k20_top1']:.1f} |")
     print("\n".join(lines))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"steps": args.steps, "results": results}, indent=2))
+    record = {"steps": args.steps, "environment": environment(), "results": results}
+    Path(args.out).write_text(json.dumps(record, indent=2))
     return 0
 
 

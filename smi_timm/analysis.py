@@ -9,16 +9,30 @@ eval split: WebDataset shards or an ImageFolder dir) it computes, on ``--num-sam
   (RankMe, Garrido et al., 2023);
 * **alignment** E||f(x) - f(x')||^2 of two views and **uniformity** log E exp(-2 ||f(x) - f(y)||^2) over pairs of
   images, both on L2-normalised outputs (Wang & Isola, 2020). The two views come from the SSL loader
-  ``smi_timm.data.make_ssl_loader(..., augment=--augment)`` when the data module provides it, and otherwise from a
-  random resized crop (scale 0.5-1) + horizontal flip of each image; ``views`` in the JSON says which;
+  ``smi_timm.data.make_ssl_loader(..., augment=--augment)`` for shards, and from a random resized crop (scale 0.5-1)
+  + horizontal flip of each image for an ImageFolder dir (or ``--views crop-flip``); ``views`` in the JSON says which;
 * **redundancy** — mean absolute off-diagonal entry of the feature correlation matrix;
 * **dependency** — the N x N matrix phi(rho) of :func:`smi_timm.losses.smi.dependency_matrix` between the two views of
   one batch (a heat map: a bright diagonal = matched pairs, dark elsewhere);
 * **training curves** (loss, lr, knn_top1 against step) from ``RUN_DIR/metrics.jsonl`` when a run is given
-  (``--run``, or ``--weights RUN_DIR``). ``--curves-only`` skips everything else.
+  (``--run``, or ``--weights RUN_DIR``; read and plotted by :mod:`smi_timm.curves`). ``--curves-only`` skips
+  everything else.
+
+The pieces: :func:`run_curves` (curves), :func:`two_views` (views), :func:`representation_metrics` (metrics),
+:func:`plot_diagnostics` (plots); :func:`analyze` runs them.
 
 Outputs in ``--out-dir``: ``analysis.json``, ``summary.png`` (all panels), ``spectrum.png``, ``correlation.png``,
 ``dependency.png`` and ``curves.png`` (with a run).
+
+``--spatial`` measures spatial localisation instead (:mod:`smi_timm.spatial`): for one or more ``--weights``
+(``--label`` names them) on the same images of ``--data`` at ``--image-size``, the activation-norm map and the
+cosine-to-pooled map of the last feature map (ResNet stages or ViT patch tokens), overlaid on the first
+``--num-images`` images in ``spatial.png``, and their concentration over ``--num-samples`` images (share of mass in
+the top ``--top-frac`` of locations, normalised spatial entropy) in ``spatial.json``::
+
+    smi-analyze --spatial --weights runs/smi/export --label SMI --weights runs/barlow/export --label "Barlow Twins" \
+        --weights random --model resnet18 --label "random init" \
+        --data ../shared/data/flowers12/test-000000.tar --image-size 128 --out-dir spatial
 """
 from __future__ import annotations
 
@@ -28,6 +42,7 @@ import math
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
@@ -35,8 +50,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["main", "analyze", "effective_rank", "rankme", "alignment", "uniformity", "redundancy",
-           "covariance_spectrum", "read_metrics", "two_view_pair"]
+from .layout import METRICS, write_json_atomic
+
+__all__ = ["main", "analyze", "measure", "Measurement", "effective_rank", "rankme", "alignment", "uniformity",
+           "redundancy", "covariance_spectrum", "representation_metrics", "two_view_pair", "two_views",
+           "plot_diagnostics", "run_curves"]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -99,72 +117,97 @@ def redundancy(z: torch.Tensor) -> float:
     return float((c.abs().sum() - c.diagonal().abs().sum()) / (d * (d - 1)))
 
 
+def representation_metrics(z: torch.Tensor, za: torch.Tensor, zb: torch.Tensor,
+                           heatmap_size: int = 64) -> Tuple[Dict[str, Any], Dict[str, Any], torch.Tensor]:
+    """``(metrics, spectrum, dependency matrix)`` of one representation: ``z`` (N, D) of clean images, ``za``/``zb``
+    of the two views of the same images (alignment, uniformity and the dependency matrix of the first
+    ``heatmap_size`` pairs)."""
+    from .losses.smi import dependency_matrix
+
+    eig = covariance_spectrum(z)
+    spectrum = {"dim": int(z.shape[1]), "effective_rank": _entropy_rank(eig), "rankme": rankme(z),
+                "eigenvalues": [float(f"{v:.6g}") for v in eig.tolist()]}
+    h = min(heatmap_size, za.shape[0])
+    dep = dependency_matrix(za[:h], zb[:h])
+    eye = torch.eye(h, dtype=torch.bool)
+    metrics = {
+        "dim": int(z.shape[1]),
+        "effective_rank": spectrum["effective_rank"],
+        "rankme": spectrum["rankme"],
+        "alignment": alignment(za, zb),
+        "uniformity": uniformity(za),
+        "redundancy": redundancy(z),
+        "dependency_diag_mean": float(dep[eye].mean()),
+        "dependency_offdiag_mean": float(dep[~eye].mean()) if h > 1 else None,
+    }
+    return metrics, spectrum, dep
+
+
 # ---------------------------------------------------------------------------------------------------------------------
-# data
+# two views
 # ---------------------------------------------------------------------------------------------------------------------
+
+ViewBatches = List[Tuple[torch.Tensor, torch.Tensor]]
+
 
 def two_view_pair(images: torch.Tensor, generator: Optional[torch.Generator] = None,
                   scale: Tuple[float, float] = (0.5, 1.0)) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Fallback views of a normalised batch (B, C, H, W): per image and view a random resized crop (area ``scale``,
-    aspect 3/4-4/3, bilinear back to H x W) and a horizontal flip with p = 0.5."""
-    b, _, h, w = images.shape
+    """Crop-and-flip views of a normalised batch (B, C, H, W): per image and view torchvision's random resized crop
+    (area ``scale``, aspect 3/4-4/3, bilinear back to H x W) and a horizontal flip with p = 0.5, drawn from
+    ``generator`` (the global RNG is left as it was)."""
+    from torchvision.transforms import v2
 
-    def view() -> torch.Tensor:
-        out = torch.empty_like(images)
-        for i in range(b):
-            area = float(torch.empty(1).uniform_(*scale, generator=generator)) * h * w
-            ratio = math.exp(float(torch.empty(1).uniform_(math.log(3 / 4), math.log(4 / 3), generator=generator)))
-            ch = max(1, min(h, int(round(math.sqrt(area / ratio)))))
-            cw = max(1, min(w, int(round(math.sqrt(area * ratio)))))
-            top = int(torch.randint(0, h - ch + 1, (1,), generator=generator))
-            left = int(torch.randint(0, w - cw + 1, (1,), generator=generator))
-            crop = images[i:i + 1, :, top:top + ch, left:left + cw]
-            crop = F.interpolate(crop, size=(h, w), mode="bilinear", align_corners=False)
-            if float(torch.rand(1, generator=generator)) < 0.5:
-                crop = crop.flip(-1)
-            out[i:i + 1] = crop
-        return out
-
-    return view(), view()
+    h, w = images.shape[-2:]
+    augment = v2.Compose([v2.RandomResizedCrop((h, w), scale=scale, antialias=True), v2.RandomHorizontalFlip()])
+    seed = int(torch.randint(0, 2 ** 62, (1,), generator=generator))
+    with torch.random.fork_rng(devices=[]):  # torchvision draws from the global RNG
+        torch.manual_seed(seed)
+        return (torch.stack([augment(img) for img in images]), torch.stack([augment(img) for img in images]))
 
 
-def _split_views(batch: Any) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(view_a, view_b) from the batches an SSL loader may yield: (a, b), ((a, b), labels) or a dict."""
-    if isinstance(batch, dict):
-        for ka, kb in (("view_a", "view_b"), ("a", "b"), ("x1", "x2")):
-            if ka in batch and kb in batch:
-                return batch[ka], batch[kb]
-        raise TypeError(f"cannot find two views in a batch with keys {sorted(batch)}")
-    if isinstance(batch, (tuple, list)):
-        if len(batch) >= 2 and all(isinstance(x, torch.Tensor) and x.ndim == 4 for x in batch[:2]):
-            return batch[0], batch[1]
-        if len(batch) >= 1 and isinstance(batch[0], (tuple, list)):
-            return _split_views(batch[0])
-    raise TypeError(f"cannot find two views in a batch of type {type(batch).__name__}")
+def _first_samples(pairs: Iterable[Tuple[torch.Tensor, torch.Tensor]], num_samples: int) -> ViewBatches:
+    out, n = [], 0
+    for va, vb in pairs:
+        out.append((va, vb))
+        n += va.shape[0]
+        if n >= num_samples:
+            break
+    return out
 
 
-def _ssl_loader(spec: Any, batch_size: int, image_size: int, augment: str, workers: int, num_samples: int = 0,
-                seed: int = 0):
-    """The data module's two-view loader, or None when it does not provide one."""
-    try:
-        from .data import make_ssl_loader  # type: ignore[attr-defined]
-    except ImportError:
-        return None
-    import inspect
+def two_views(data: Any, info: Dict[str, Any], *, views: str = "auto", augment: str = "cifar",
+              num_samples: int = 1024, batch_size: int = 256, workers: int = 2,
+              seed: int = 0) -> Tuple[ViewBatches, str]:
+    """Batches of two views of the first ``num_samples`` images of ``data``, and how they were made.
 
-    params = inspect.signature(make_ssl_loader).parameters
-    kwargs: Dict[str, Any] = {"augment": augment}
-    if "num_workers" in params:
-        kwargs["num_workers"] = workers
-    if "seed" in params:
-        kwargs["seed"] = seed
-    if "epoch_samples" in params:  # shards without a JSON index need it; we stop after num_samples anyway
-        kwargs["epoch_samples"] = max(num_samples, batch_size)
-    return make_ssl_loader(spec, batch_size=batch_size, image_size=image_size, **kwargs)
+    ``views``: ``"ssl"`` = the pretraining loader (:func:`smi_timm.data.make_ssl_loader` with ``augment``; shards
+    only), ``"crop-flip"`` = :func:`two_view_pair` of the eval loader's images, ``"auto"`` = ``ssl`` for shards and
+    ``crop-flip`` for an ImageFolder dir or an iterable of batches.
+    """
+    from .eval import features
+
+    if views == "auto":
+        shards = features.is_data_spec(data) and not os.path.isdir(features.data_list(data)[0])
+        views = "ssl" if shards else "crop-flip"
+    size = info["image_size"]
+    if views == "ssl":
+        from .data import make_ssl_loader
+
+        loader = make_ssl_loader(features.loader_urls(data), batch_size=batch_size, image_size=size, augment=augment,
+                                 num_workers=workers, seed=seed,
+                                 epoch_samples=max(num_samples, batch_size))  # we stop after num_samples anyway
+        return _first_samples(loader, num_samples), f"ssl loader (augment={augment})"
+    if views != "crop-flip":
+        raise ValueError(f"views={views!r}: choose 'auto', 'ssl' or 'crop-flip'")
+    gen = torch.Generator().manual_seed(seed)
+    loader = features.eval_loader(data, batch_size=batch_size, image_size=size, workers=workers, mean=info["mean"],
+                                  std=info["std"], crop_pct=info["crop_pct"])
+    pairs = (two_view_pair(images, gen) for images, _ in loader)
+    return _first_samples(pairs, num_samples), "random resized crop (scale 0.5-1) + horizontal flip"
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# models
+# embeddings
 # ---------------------------------------------------------------------------------------------------------------------
 
 class _Both(nn.Module):
@@ -182,99 +225,25 @@ class _Both(nn.Module):
         return torch.cat([f, self.projector(f)], dim=1)
 
 
-def load_for_analysis(weights: str, model: Optional[str] = None, cifar_stem: bool = False,
-                      projector: Optional[str] = None, image_size: Optional[int] = None, seed: int = 0,
-                      timm_kwargs: Optional[Dict[str, Any]] = None) -> Tuple[nn.Module, Optional[nn.Module], Dict]:
-    """``(backbone, projector or None, info)``: the backbone as in ``smi-eval``; the projector from an export's
-    ``projector.safetensors``, a run checkpoint's ``projector.*`` tensors, or (``random``) a fresh ``projector``."""
-    from .eval.cli import load_backbone
-    from .export import CONFIG_NAME, PROJECTOR_NAME, _resolve_export_source
-    from .models.hub import load_safetensors
-    from .models.ssl import build_projector, parse_projector
+def _embed_views(net: nn.Module, batches: ViewBatches, num_samples: int, device: torch.device,
+                 amp: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Both views of each batch in one forward pass (view a rows first, then view b)."""
+    from .eval.features import extract_features
 
-    backbone, info = load_backbone(weights, model=model, cifar_stem=cifar_stem, image_size=image_size, seed=seed,
-                                   timm_kwargs=timm_kwargs)
-    dim = int(backbone.num_features)
-    proj: Optional[nn.Module] = None
-    spec: Optional[str] = None
-    state: Optional[Dict[str, torch.Tensor]] = None
-    path = Path(weights)
-    if weights == "random" or weights.startswith("timm:"):
-        spec = projector
-    elif path.is_dir() and (path / CONFIG_NAME).is_file():
-        with open(path / CONFIG_NAME, "r", encoding="utf-8") as f:
-            spec = ((json.load(f).get("smi") or {}).get("projector"))
-        if (path / PROJECTOR_NAME).is_file():
-            state = load_safetensors(path / PROJECTOR_NAME)
-        else:
-            spec = None
-    elif path.exists():
-        try:
-            file, run_config = _resolve_export_source(path)
-        except FileNotFoundError:
-            file, run_config = None, {}
-        if file is not None:
-            spec = run_config.get("projector")
-            full = load_safetensors(file)
-            state = {k[len("projector."):]: v for k, v in full.items() if k.startswith("projector.")}
-            if not state:
-                spec = None
-    dims = parse_projector(spec) if spec else []
-    if dims:
-        torch.manual_seed(seed + 1)
-        proj = build_projector(dim, dims)
-        if state is not None:
-            proj.load_state_dict(state)
-        proj.eval()
-    info["projector"] = "-".join(map(str, dims)) if dims else None
-    info["projector_weights"] = "loaded" if (dims and state is not None) else ("random" if dims else None)
-    return backbone, proj, info
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# training curves
-# ---------------------------------------------------------------------------------------------------------------------
-
-def read_metrics(path: os.PathLike) -> Tuple[List[Dict[str, Any]], int]:
-    """Rows of a ``metrics.jsonl`` (JSON objects with a ``step``) and the number of unreadable lines skipped."""
-    rows, bad = [], 0
-    with open(path, "r", encoding="utf-8") as f:
-        for line in f:
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                bad += 1
-                continue
-            if isinstance(row, dict) and isinstance(row.get("step"), (int, float)):
-                rows.append(row)
-            else:
-                bad += 1
-    return rows, bad
-
-
-def _series(rows: Iterable[Dict[str, Any]], key: str) -> Tuple[List[float], List[float]]:
-    pts = sorted((float(r["step"]), float(r[key])) for r in rows
-                 if isinstance(r.get(key), (int, float)) and math.isfinite(float(r[key])))
-    return [p[0] for p in pts], [p[1] for p in pts]
+    za, zb = [], []
+    for va, vb in batches:
+        z, _ = extract_features(net, [(torch.cat([va, vb]), torch.zeros(va.shape[0] * 2))], device=device,
+                                amp_dtype=amp, progress=False)
+        za.append(z[:va.shape[0]])
+        zb.append(z[va.shape[0]:])
+    return torch.cat(za)[:num_samples], torch.cat(zb)[:num_samples]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # plots
 # ---------------------------------------------------------------------------------------------------------------------
 
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _plot_spectrum(ax, spectra: Dict[str, Dict[str, Any]]) -> None:
+def _plot_spectrum(fig, ax, spectra: Dict[str, Dict[str, Any]]) -> None:
     for name, s in spectra.items():
         vals = torch.tensor(s["eigenvalues"]).clamp_min(1e-12)
         ax.semilogy(range(1, len(vals) + 1), vals.tolist(),
@@ -285,7 +254,7 @@ def _plot_spectrum(ax, spectra: Dict[str, Dict[str, Any]]) -> None:
     ax.legend(fontsize=7)
 
 
-def _plot_corr(ax, corr: torch.Tensor, red: float) -> None:
+def _plot_corr(fig, ax, corr: torch.Tensor, red: float) -> None:
     d = corr.shape[0]
     off = corr[~torch.eye(d, dtype=torch.bool)].abs()
     ax.hist(off.numpy(), bins=50, color="tab:gray")
@@ -304,20 +273,119 @@ def _plot_dep(fig, ax, dep: torch.Tensor, title: str) -> None:
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
 
 
-def _plot_curves(axes, rows: List[Dict[str, Any]]) -> None:
-    for ax, key, label in zip(axes, ("loss", "lr", "knn_top1"), ("training loss", "learning rate", "kNN top-1 (%)")):
-        xs, ys = _series(rows, key)
-        if xs:
-            ax.plot(xs, ys, marker="o" if len(xs) < 30 else None, markersize=3)
-        else:
-            ax.text(0.5, 0.5, f"no '{key}' in metrics.jsonl", ha="center", va="center", transform=ax.transAxes)
-        ax.set_xlabel("step")
-        ax.set_title(label)
+def plot_diagnostics(out_dir: Path, spectra: Dict[str, Dict[str, Any]], features: torch.Tensor, redundancy_: float,
+                     dep: torch.Tensor, dep_name: str, title: str, dpi: int = 80) -> None:
+    """``summary.png`` (spectrum, feature-correlation histogram, dependency heat map) and one PNG per panel."""
+    from matplotlib.figure import Figure
+
+    from .curves import save_figure
+
+    corr = _corr(features)
+    panels = {"spectrum.png": lambda f, ax: _plot_spectrum(f, ax, spectra),
+              "correlation.png": lambda f, ax: _plot_corr(f, ax, corr, redundancy_),
+              "dependency.png": lambda f, ax: _plot_dep(f, ax, dep, f"dependency phi(rho), {dep_name}")}
+    fig = Figure(figsize=(13, 3.6), dpi=dpi)
+    axes = fig.subplots(1, 3)
+    for ax, draw in zip(axes, panels.values()):
+        draw(fig, ax)
+    axes[2].set_title(f"dependency phi(rho), {dep_name}, {dep.shape[0]} pairs")
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    save_figure(fig, out_dir / "summary.png", dpi)
+    for name, draw in panels.items():
+        fig = Figure(figsize=(5, 4), dpi=dpi)
+        draw(fig, fig.subplots())
+        fig.tight_layout()
+        save_figure(fig, out_dir / name, dpi)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # main entry
 # ---------------------------------------------------------------------------------------------------------------------
+
+def run_curves(run: os.PathLike, out_dir: Path, dpi: int = 80) -> Dict[str, Any]:
+    """Summary of ``RUN/metrics.jsonl`` (with the number of unreadable lines skipped); plots ``curves.png``."""
+    from .curves import plot_curves, read_metrics, summarize_curves
+
+    metrics = Path(run) / METRICS
+    if not metrics.is_file():
+        raise FileNotFoundError(f"{metrics} does not exist; --run must be a run directory written by smi-pretrain")
+    rows, bad = read_metrics(metrics)
+    plot_curves(rows, out_dir / "curves.png", dpi=dpi)
+    return dict(summarize_curves(rows), skipped_lines=bad)
+
+
+@dataclass
+class Measurement:
+    """What :func:`measure` computed for one backbone (+ projector) on one data set."""
+
+    info: Dict[str, Any]                  #: :meth:`ResolvedBackbone.describe` of the backbone
+    metrics: Dict[str, Dict[str, Any]]    #: ``features`` (and ``embeddings`` with a projector) -> metrics
+    spectra: Dict[str, Dict[str, Any]]
+    dependency: Dict[str, torch.Tensor]   #: the dependency heat map of each representation
+    features: torch.Tensor                #: clean backbone features ``(num_samples, D)``
+    views: str                            #: how the two views were made
+    projector: Optional[str]              #: projector widths (``"1024-1024"``) or None
+    projector_weights: Optional[str]      #: ``"loaded"`` / ``"random"`` / None
+
+    def summary(self) -> Dict[str, Any]:
+        """The JSON-ready part: the metrics of each representation, with what they were measured on."""
+        return dict(model=self.info["model"], cifar_stem=self.info["cifar_stem"], weights=self.info["weights"],
+                    weights_sha256=self.info["weights_sha256"], projector=self.projector,
+                    projector_weights=self.projector_weights, image_size=self.info["image_size"],
+                    num_samples=int(self.features.shape[0]), views=self.views, metrics=self.metrics)
+
+
+def measure(weights: str, data: Any, *, model: Optional[str] = None, cifar_stem: bool = False,
+            projector: Optional[str] = None, image_size: Optional[int] = None,
+            timm_kwargs: Optional[Dict[str, Any]] = None, num_samples: int = 1024, batch_size: int = 256,
+            heatmap_size: int = 64, augment: str = "cifar", views: str = "auto", workers: int = 2,
+            device: Optional[str] = None, seed: int = 0, amp: str = "no", progress: bool = False) -> Measurement:
+    """Representation metrics (spectrum, effective rank, RankMe, alignment, uniformity, redundancy, dependency) of
+    ``weights`` (any source :func:`smi_timm.resolve.resolve_backbone` accepts) on the first ``num_samples`` images of
+    ``data``, without plots: what :func:`analyze` reports and what the comparison harness records for every run.
+
+    The projector is the source's (export / run) or, for ``random`` / ``timm:NAME``, a fresh one of ``projector``
+    widths; ``views`` / ``augment``: see :func:`two_views`.
+    """
+    from .eval import features
+    from .models.ssl import parse_projector
+    from .resolve import resolve_backbone
+
+    resolved = resolve_backbone(weights, model=model, cifar_stem=cifar_stem, timm_kwargs=timm_kwargs, seed=seed)
+    spec = projector if resolved.kind in ("random", "timm") else resolved.projector_spec  # fresh / the source's
+    proj, proj_weights = resolved.build_projector(spec, seed=seed + 1)
+    info = resolved.describe(image_size)
+    dev = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    net = _Both(resolved.backbone, proj).to(dev).eval()
+    dim = resolved.num_features
+    loader = features.eval_loader(data, batch_size=batch_size, image_size=info["image_size"], workers=workers,
+                                  mean=info["mean"], std=info["std"], crop_pct=info["crop_pct"])
+    both, _ = features.extract_features(net, loader, device=dev, amp_dtype=amp, max_batches=math.ceil(
+        num_samples / batch_size), progress=progress, desc="clean features")
+    view_batches, used = two_views(data, info, views=views, augment=augment, num_samples=num_samples,
+                                   batch_size=batch_size, workers=workers, seed=seed)
+    za, zb = _embed_views(net, view_batches, num_samples, dev, amp)
+    reps = {"features": slice(0, dim), **({"embeddings": slice(dim, None)} if proj is not None else {})}
+    metrics, spectra, deps = {}, {}, {}
+    for name, cols in reps.items():
+        metrics[name], spectra[name], deps[name] = representation_metrics(
+            both[:num_samples, cols], za[:, cols], zb[:, cols], heatmap_size)
+    return Measurement(info, metrics, spectra, deps, both[:num_samples, :dim], used,
+                       "-".join(map(str, parse_projector(spec))) if proj is not None else None, proj_weights)
+
+
+def _diagnostics(weights: str, data: Any, out: Path, *, dpi: int, **kwargs) -> Dict[str, Any]:
+    """Everything but the curves: :func:`measure`, then the plots."""
+    m = measure(weights, data, **kwargs)
+    main_rep = "embeddings" if "embeddings" in m.metrics else "features"
+    info = m.info
+    n = int(m.features.shape[0])
+    title = f"{info['model']}{' (CIFAR stem)' if info['cifar_stem'] else ''} | {info['weights']} | {n} images"
+    plot_diagnostics(out, m.spectra, m.features, m.metrics["features"]["redundancy"], m.dependency[main_rep],
+                     main_rep, title, dpi)
+    return dict(m.summary(), heatmap_size=int(m.dependency[main_rep].shape[0]), spectra=m.spectra)
+
 
 def analyze(weights: Optional[str] = None, data: Any = None, out_dir: str = "analysis", *, model: Optional[str] = None,
             cifar_stem: bool = False, projector: Optional[str] = None, image_size: Optional[int] = None,
@@ -327,176 +395,50 @@ def analyze(weights: Optional[str] = None, data: Any = None, out_dir: str = "ana
             progress: bool = True, curves_only: bool = False) -> Dict[str, Any]:
     """Compute the diagnostics and write the plots + ``analysis.json`` into ``out_dir``; returns the JSON dict.
 
-    ``views``: ``"auto"`` (SSL loader when available, else crop+flip), ``"ssl"`` or ``"crop-flip"``.
+    ``data``: a data spec (shards, ImageFolder dir, ``sample:test``) or an iterable of ``(images, labels)`` batches.
+    ``views``: ``"auto"``, ``"ssl"`` or ``"crop-flip"`` (see :func:`two_views`).
     """
-    from .eval.features import extract_features
-    from .export import _atomic_write
+    from .eval.features import is_data_spec
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    plt = _plt()
-    result: Dict[str, Any] = {"weights": weights, "data": data, "run": run}
     t_start = time.perf_counter()
-
-    if run is None and weights and Path(weights).is_dir() and (Path(weights) / "metrics.jsonl").is_file():
+    if run is None and weights and (Path(weights) / METRICS).is_file():
         run = weights
-        result["run"] = run
-    rows: List[Dict[str, Any]] = []
+    shown = data if data is None or is_data_spec(data) else "batches"
+    result: Dict[str, Any] = {"weights": weights, "data": shown, "run": run}
     if run is not None:
-        metrics = Path(run) / "metrics.jsonl"
-        if not metrics.is_file():
-            raise FileNotFoundError(f"{metrics} does not exist; --run must be a run directory written by smi-pretrain")
-        rows, bad = read_metrics(metrics)
-        xs, losses = _series(rows, "loss")
-        ks, knn = _series(rows, "knn_top1")
-        result["curves"] = {"rows": len(rows), "skipped_lines": bad, "last_step": max(xs) if xs else None,
-                            "final_loss": losses[-1] if losses else None,
-                            "best_knn_top1": max(knn) if knn else None, "final_knn_top1": knn[-1] if knn else None}
-        fig, axes = plt.subplots(1, 3, figsize=(12, 3.2), dpi=dpi)
-        _plot_curves(axes, rows)
-        fig.tight_layout()
-        fig.savefig(out / "curves.png")
-        plt.close(fig)
-
-    if curves_only:
-        if run is None:
-            raise ValueError("--curves-only needs a run directory (--run or --weights RUN_DIR)")
-        _atomic_write(out / "analysis.json", (json.dumps(result, indent=2, default=str) + "\n").encode())
-        return result
-    if not weights or data is None:
-        raise ValueError("analysis needs --weights and --data (or --curves-only with --run)")
-
-    backbone, proj, info = load_for_analysis(weights, model=model, cifar_stem=cifar_stem, projector=projector,
-                                             image_size=image_size, seed=seed, timm_kwargs=timm_kwargs)
-    size = info["image_size"]
-    dev = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    net = _Both(backbone, proj).to(dev).eval()
-    dim = int(backbone.num_features)
-    max_batches = max(1, math.ceil(num_samples / batch_size))
-
-    from .eval.cli import _make_loader
-
-    loader = _make_loader(data, batch_size, size, workers, info)
-    both, labels = extract_features(net, loader, device=dev, amp_dtype=amp, max_batches=max_batches,
-                                    progress=progress, desc="clean features")
-    both, labels = both[:num_samples], labels[:num_samples]
-    reps = {"features": both[:, :dim]}
-    if proj is not None:
-        reps["embeddings"] = both[:, dim:]
-
-    # two views
-    gen = torch.Generator().manual_seed(seed)
-    view_batches: List[Tuple[torch.Tensor, torch.Tensor]] = []
-    used = None
-    if views in ("auto", "ssl"):
-        ssl = None
-        try:
-            from .eval.cli import expand_data_spec
-
-            shards = expand_data_spec(data)
-            ssl = _ssl_loader(shards if len(shards) > 1 else shards[0], batch_size, size, augment, workers,
-                              num_samples, seed)
-        except Exception as err:  # a loader that cannot be built here: fall back (recorded)
-            if views == "ssl":
-                raise
-            result["views_fallback_reason"] = str(err)
-        if ssl is not None:
-            n = 0
-            for batch in ssl:
-                va, vb = _split_views(batch)
-                view_batches.append((va, vb))
-                n += va.shape[0]
-                if n >= num_samples:
-                    break
-            used = f"ssl loader (augment={augment})"
-        elif views == "ssl":
-            raise ValueError("--views ssl needs smi_timm.data.make_ssl_loader, which this installation lacks")
-    if used is None:
-        loader = _make_loader(data, batch_size, size, workers, info)
-        n = 0
-        for batch in loader:
-            images = batch[0]
-            view_batches.append(two_view_pair(images, gen))
-            n += images.shape[0]
-            if n >= num_samples:
-                break
-        used = "random resized crop (scale 0.5-1) + horizontal flip"
-
-    # embed both views of a batch in one forward pass (view a rows first, then view b)
-    za_list, zb_list = [], []
-    for va, vb in view_batches:
-        z, _ = extract_features(net, [(torch.cat([va, vb]), torch.zeros(va.shape[0] * 2))], device=dev,
-                                amp_dtype=amp, progress=False)
-        za_list.append(z[:va.shape[0]])
-        zb_list.append(z[va.shape[0]:])
-    za_all = torch.cat(za_list)[:num_samples]
-    zb_all = torch.cat(zb_list)[:num_samples]
-
-    from .losses.smi import dependency_matrix
-
-    metrics: Dict[str, Any] = {}
-    spectra: Dict[str, Dict[str, Any]] = {}
-    for name, z in reps.items():
-        sl = slice(0, dim) if name == "features" else slice(dim, None)
-        a, b = za_all[:, sl], zb_all[:, sl]
-        eig = covariance_spectrum(z)
-        spectra[name] = {"dim": int(z.shape[1]), "effective_rank": _entropy_rank(eig), "rankme": rankme(z),
-                         "eigenvalues": [float(f"{v:.6g}") for v in eig.tolist()]}
-        h = min(heatmap_size, a.shape[0])
-        dep = dependency_matrix(a[:h], b[:h])
-        eye = torch.eye(h, dtype=torch.bool)
-        metrics[name] = {
-            "dim": int(z.shape[1]),
-            "effective_rank": spectra[name]["effective_rank"],
-            "rankme": spectra[name]["rankme"],
-            "alignment": alignment(a, b),
-            "uniformity": uniformity(a),
-            "redundancy": redundancy(z),
-            "dependency_diag_mean": float(dep[eye].mean()),
-            "dependency_offdiag_mean": float(dep[~eye].mean()) if h > 1 else None,
-        }
-        metrics[name]["_dep"] = dep
-    main_rep = "embeddings" if "embeddings" in reps else "features"
-
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6), dpi=dpi)
-    _plot_spectrum(axes[0], spectra)
-    corr = _corr(reps["features"])
-    _plot_corr(axes[1], corr, metrics["features"]["redundancy"])
-    n_dep = metrics[main_rep]["_dep"].shape[0]
-    _plot_dep(fig, axes[2], metrics[main_rep]["_dep"], f"dependency phi(rho), {main_rep}, {n_dep} pairs")
-    title = f"{info['model']}{' (CIFAR stem)' if info['cifar_stem'] else ''} | {info['weights']} | {num_samples} images"
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(out / "summary.png")
-    plt.close(fig)
-    for fname, draw in (("spectrum.png", lambda f, ax: _plot_spectrum(ax, spectra)),
-                        ("correlation.png", lambda f, ax: _plot_corr(ax, corr, metrics["features"]["redundancy"])),
-                        ("dependency.png", lambda f, ax: _plot_dep(f, ax, metrics[main_rep]["_dep"],
-                                                                   f"dependency phi(rho), {main_rep}"))):
-        fig, ax = plt.subplots(figsize=(5, 4), dpi=dpi)
-        draw(fig, ax)
-        fig.tight_layout()
-        fig.savefig(out / fname)
-        plt.close(fig)
-    for m in metrics.values():
-        m.pop("_dep")
-
-    result.update(
-        model=info["model"], cifar_stem=info["cifar_stem"], weights=info["weights"],
-        weights_sha256=info["weights_sha256"], projector=info["projector"],
-        projector_weights=info["projector_weights"], image_size=size, num_samples=int(reps["features"].shape[0]),
-        views=used, heatmap_size=min(heatmap_size, int(za_all.shape[0])), metrics=metrics, spectra=spectra,
-        seconds=time.perf_counter() - t_start,
-        files=sorted(p.name for p in out.glob("*.png")) + ["analysis.json"],
-    )
-    _atomic_write(out / "analysis.json", (json.dumps(result, indent=2, default=str) + "\n").encode())
+        result["curves"] = run_curves(run, out, dpi)
+    if curves_only and run is None:
+        raise ValueError("--curves-only needs a run directory (--run or --weights RUN_DIR)")
+    if not curves_only:
+        if not weights or data is None:
+            raise ValueError("analysis needs --weights and --data (or --curves-only with --run)")
+        result.update(_diagnostics(
+            weights, data, out, model=model, cifar_stem=cifar_stem, projector=projector, image_size=image_size,
+            timm_kwargs=timm_kwargs, num_samples=num_samples, batch_size=batch_size, heatmap_size=heatmap_size,
+            augment=augment, views=views, workers=workers, device=device, seed=seed, amp=amp, dpi=dpi,
+            progress=progress))
+        result.update(seconds=time.perf_counter() - t_start,
+                      files=sorted(p.name for p in out.glob("*.png")) + ["analysis.json"])
+    write_json_atomic(out / "analysis.json", result, sort_keys=False)
     return result
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="smi-analyze", description="Representation diagnostics (spectrum, effective "
                                 "rank, alignment/uniformity, redundancy, dependency matrix, training curves).")
-    p.add_argument("--weights", help="'random' (with --model), an export folder, a run dir or a checkpoint")
+    p.add_argument("--weights", action="append",
+                   help="'random' (with --model), an export folder, a run dir or a checkpoint; repeat it with "
+                        "--spatial to compare several backbones on the same images")
+    p.add_argument("--spatial", action="store_true",
+                   help="spatial localisation instead: activation-norm and cosine-to-pooled maps of the last "
+                        "feature map over the images (spatial.png) and their concentration (spatial.json); see "
+                        "smi_timm.spatial")
+    p.add_argument("--label", action="append", help="--spatial: a name per --weights for the plot and table")
+    p.add_argument("--num-images", type=int, default=6, help="--spatial: images shown in the PNG grid (default 6)")
+    p.add_argument("--top-frac", type=float, default=0.2,
+                   help="--spatial: share of locations whose mass is reported (default 0.2: the top 20%%)")
     p.add_argument("--model", help="timm architecture for --weights random")
     p.add_argument("--cifar-stem", action="store_true", help="ResNet with the CIFAR stem (--weights random)")
     p.add_argument("--projector", help="projector widths for --weights random, e.g. 2048-2048-2048 (default none)")
@@ -511,7 +453,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--heatmap-size", type=int, default=64, help="samples in the dependency heat map (default 64)")
     p.add_argument("--augment", default="cifar", help="SSL augmentation preset for the two views (cifar|byol)")
     p.add_argument("--views", choices=("auto", "ssl", "crop-flip"), default="auto",
-                   help="two-view source: the SSL loader (auto when available) or crop+flip")
+                   help="two-view source: the SSL loader or crop+flip (auto: SSL loader for shards, crop+flip for an "
+                        "ImageFolder dir)")
     p.add_argument("--timm-kwargs", type=json.loads, default=None, help="extra timm.create_model kwargs (JSON)")
     p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1))
     p.add_argument("--device")
@@ -533,8 +476,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     data = None
     if args.data:
         data = args.data[0] if len(args.data) == 1 else args.data
+    if args.spatial:
+        return _spatial_main(args, data)
+    if args.weights and len(args.weights) > 1:
+        print("smi-analyze: error: several --weights are compared only with --spatial", file=sys.stderr)
+        return 2
     try:
-        result = analyze(args.weights, data, args.out_dir, model=args.model, cifar_stem=args.cifar_stem,
+        result = analyze(args.weights[0] if args.weights else None, data, args.out_dir, model=args.model,
+                         cifar_stem=args.cifar_stem,
                          projector=args.projector, image_size=args.image_size, run=args.run,
                          num_samples=args.num_samples, batch_size=args.batch_size, heatmap_size=args.heatmap_size,
                          augment=args.augment, views=args.views, workers=args.workers, device=args.device,
@@ -549,6 +498,36 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if result.get("curves"):
         print(f"curves: {result['curves']}")
     print(f"wrote {args.out_dir}/: {', '.join(result.get('files') or ['analysis.json', 'curves.png'])}")
+    return 0
+
+
+def _spatial_main(args, data) -> int:
+    from .models.hub import WeightsHashError
+    from .models.registry import WeightsMismatchError
+    from .spatial import run_spatial
+
+    if not args.weights or data is None:
+        print("smi-analyze: error: --spatial needs --weights (one or more) and --data", file=sys.stderr)
+        return 2
+    try:
+        res = run_spatial(args.weights, data, args.out_dir, labels=args.label, image_size=args.image_size,
+                          num_images=args.num_images, num_samples=args.num_samples, model=args.model,
+                          cifar_stem=args.cifar_stem, timm_kwargs=args.timm_kwargs, top_frac=args.top_frac,
+                          batch_size=min(args.batch_size, 64), workers=args.workers, device=args.device,
+                          seed=args.seed, dpi=args.dpi)
+    except (FileNotFoundError, ValueError, WeightsMismatchError, WeightsHashError) as err:
+        print(f"smi-analyze: error: {err}", file=sys.stderr)
+        return 2
+    top = f"top-{res['top_frac']:.0%} mass"
+    print(f"{res['num_images']} images at {res['image_size']} px; {top} (uniform: "
+          f"{res['backbones'][0]['uniform_top_mass']:.3f}) and normalised entropy (uniform: 1)")
+    print(f"| backbone | map | norm: {top} | norm: entropy | cosine: {top} | cosine: entropy |")
+    print("|---|---|---:|---:|---:|---:|")
+    for b in res["backbones"]:
+        n, c = b["norm"], b["cosine"]
+        print(f"| {b['label']} | {b['map_size'][0]}x{b['map_size'][1]} | {n['top_mass']:.3f} | {n['entropy']:.3f} | "
+              f"{c['top_mass']:.3f} | {c['entropy']:.3f} |")
+    print(f"wrote {args.out_dir}/: spatial.png, spatial.json")
     return 0
 
 

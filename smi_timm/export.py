@@ -23,8 +23,9 @@ for ResNets with the CIFAR stem, which timm cannot express: those use the regist
 ``smi_resnet50_cifar`` (see :mod:`smi_timm.models.registry`). A CIFAR-stem backbone without such a name is still
 exported (for ``smi-eval``), with a warning that ``local-dir:`` cannot rebuild it.
 
-Every file is written atomically (temporary file in ``OUT_DIR``, fsync, ``os.replace``); ``config.json`` comes last,
-so a folder with a config always has the weights the config's sha256 describes.
+Every file is written atomically (:func:`smi_timm.layout.atomic_write_bytes`); ``config.json`` comes last, so a folder
+with a config always has the weights the config's sha256 describes. The file names and the run-directory layout live
+in :mod:`smi_timm.layout`.
 """
 from __future__ import annotations
 
@@ -32,9 +33,7 @@ import argparse
 import hashlib
 import json
 import os
-import re
 import sys
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Tuple, Union
@@ -42,54 +41,25 @@ from typing import Any, Dict, Mapping, Optional, Tuple, Union
 import torch
 from torch import nn
 
-__all__ = ["export_backbone", "export_run", "load_export", "find_run_config", "latest_checkpoint", "load_run_config",
-           "main"]
+from .layout import (
+    CONFIG_NAME,
+    PROJECTOR_NAME,
+    WEIGHTS_NAME,
+    atomic_write_bytes,
+    is_export_dir,
+    is_run_dir,
+    locate_weights,
+    step_of,
+    write_json_atomic,
+)
 
-WEIGHTS_NAME = "model.safetensors"
-PROJECTOR_NAME = "projector.safetensors"
-CONFIG_NAME = "config.json"
+__all__ = ["export_backbone", "export_run", "load_export", "read_export_config", "split_state_dict",
+           "load_weights_checked", "main",
+           "WEIGHTS_NAME", "PROJECTOR_NAME", "CONFIG_NAME"]
+
 # timm kwargs that only matter for training; kept in the `smi` block but not in `model_args`
 _TRAINING_ONLY_KWARGS = ("drop_rate", "drop_path_rate", "drop_block_rate", "proj_drop_rate", "attn_drop_rate",
                          "pos_drop_rate", "patch_drop_rate")
-_STEP_DIR = re.compile(r"^step_(\d+)$")
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# files
-# ---------------------------------------------------------------------------------------------------------------------
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary file in the same folder, fsync, then ``os.replace``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{path.name}-", dir=path.parent)
-    try:
-        if hasattr(os, "fchmod"):  # mkstemp creates 0600; give the file the usual permissions
-            os.fchmod(fd, 0o666 & ~_umask())
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    try:  # make the rename itself durable
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(dir_fd)
-    except OSError:
-        pass
-    finally:
-        os.close(dir_fd)
 
 
 def _safetensors_bytes(tensors: Mapping[str, torch.Tensor]) -> bytes:
@@ -105,72 +75,29 @@ def _safetensors_bytes(tensors: Mapping[str, torch.Tensor]) -> bytes:
     return save(clean, metadata={"format": "pt"})
 
 
-def load_run_config(path: Union[str, os.PathLike]) -> Dict[str, Any]:
-    """Read a ``run_config.json``."""
-    with open(path, "r", encoding="utf-8") as f:
-        cfg = json.load(f)
-    if not isinstance(cfg, dict) or "model" not in cfg:
-        raise ValueError(f"{path} is not a run config: expected a JSON object with at least a 'model' key")
-    return cfg
-
-
-def latest_checkpoint(run_dir: Union[str, os.PathLike]) -> Path:
-    """The complete checkpoint with the highest step in ``RUN_DIR/checkpoints`` (``step_<N>`` folders holding a
-    ``model.safetensors``; hidden/``.tmp-*`` folders are incomplete and ignored)."""
-    ckpt_root = Path(run_dir) / "checkpoints"
-    found = []
-    if ckpt_root.is_dir():
-        for child in ckpt_root.iterdir():
-            m = _STEP_DIR.match(child.name)
-            if m and child.is_dir() and (child / WEIGHTS_NAME).is_file():
-                found.append((int(m.group(1)), child))
-    if not found:
-        raise FileNotFoundError(
-            f"no complete checkpoint in {ckpt_root} (expected step_<N>/model.safetensors folders); is {run_dir} a "
-            f"run directory written by smi-pretrain, and has it saved a checkpoint yet?"
-        )
-    return max(found)[1]
-
-
-def find_run_config(path: Union[str, os.PathLike]) -> Path:
-    """``run_config.json`` of a run dir, or of the run a checkpoint dir/file belongs to (searched upwards)."""
-    path = Path(path).resolve()
-    start = path if path.is_dir() else path.parent
-    for folder in [start, *start.parents][:4]:
-        if (folder / "run_config.json").is_file():
-            return folder / "run_config.json"
-    raise FileNotFoundError(f"no run_config.json in {start} or the three folders above it; pass a run directory "
-                            f"written by smi-pretrain (or a checkpoint folder inside one)")
-
-
-def _step_of(path: Path) -> Optional[int]:
-    for part in (path.name, path.parent.name):
-        m = _STEP_DIR.match(part)
-        if m:
-            return int(m.group(1))
-    return None
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # state dicts and configs
 # ---------------------------------------------------------------------------------------------------------------------
 
-def _split_state_dict(obj: Union[nn.Module, Mapping[str, torch.Tensor]]) -> Tuple[Dict[str, torch.Tensor],
-                                                                                   Dict[str, torch.Tensor]]:
-    """``(backbone, projector)`` state dicts, without the ``backbone.``/``projector.`` prefixes."""
+def split_state_dict(obj: Union[nn.Module, Mapping[str, torch.Tensor]]) -> Tuple[Dict[str, torch.Tensor],
+                                                                                  Dict[str, torch.Tensor]]:
+    """``(backbone, projector)`` state dicts, without the ``backbone.``/``projector.`` prefixes.
+
+    ``obj`` is an ``SSLModel``, a bare backbone, a DDP / ``torch.compile`` wrapper of either, or a state dict of any of
+    them (full ``backbone.*``/``projector.*`` keys or bare backbone keys; ``projector`` is then empty).
+    """
+    from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
+
     if isinstance(obj, nn.Module):
         if hasattr(obj, "backbone") and hasattr(obj, "projector"):
             return dict(obj.backbone.state_dict()), dict(obj.projector.state_dict())
-        obj = obj.state_dict()  # a bare backbone, or a DDP / torch.compile wrapper (prefixes stripped below)
+        obj = obj.state_dict()
     if not isinstance(obj, Mapping):
         raise TypeError(f"export_backbone takes an SSLModel, a backbone module or a state dict, not "
                         f"{type(obj).__name__}")
-    state = {}
-    for key, value in obj.items():
-        for prefix in ("module.", "_orig_mod."):
-            if key.startswith(prefix):
-                key = key[len(prefix):]
-        state[key] = value
+    state = dict(obj)
+    for prefix in ("module.", "_orig_mod."):  # DDP, then torch.compile
+        consume_prefix_in_state_dict_if_present(state, prefix)
     if any(k.startswith("backbone.") for k in state):
         backbone = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
         projector = {k[len("projector."):]: v for k, v in state.items() if k.startswith("projector.")}
@@ -224,7 +151,12 @@ def _build_reference(model_name: str, cifar_stem: bool, model_args: Dict[str, An
 
 
 def _pretrained_cfg(ref: nn.Module, image_size: int, mean, std, run_config: Mapping[str, Any]) -> Dict[str, Any]:
-    from timm.models._pretrained import filter_pretrained_cfg
+    """timm's ``pretrained_cfg`` of the architecture with the run's input size, interpolation, crop and mean/std.
+
+    timm's own ``save_config_for_hf`` writes the same format, but writes the file in place (not atomically) and has
+    changed its arguments between timm 1.0 releases; building the dict here keeps exports identical across them.
+    """
+    from timm.models import filter_pretrained_cfg
 
     src = filter_pretrained_cfg(dict(getattr(ref, "pretrained_cfg", None) or {}), remove_source=True)
     keep = ("fixed_input_size", "pool_size", "first_conv", "classifier", "crop_mode")
@@ -245,6 +177,44 @@ def _pretrained_cfg(ref: nn.Module, image_size: int, mean, std, run_config: Mapp
     if isinstance(cfg.get("pool_size"), tuple):
         cfg["pool_size"] = list(cfg["pool_size"])
     return cfg
+
+
+def _export_config(run_config: Mapping[str, Any], ref: nn.Module, arch: str, model_args: Dict[str, Any],
+                   weights_sha: str, projector_sha: Optional[str], step: Optional[int],
+                   source: Optional[str]) -> Dict[str, Any]:
+    """The dict written to ``config.json`` (timm's format plus ``sha256``, ``cifar_stem`` and the ``smi`` block)."""
+    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+    from . import __version__
+
+    cifar_stem = bool(run_config.get("cifar_stem", False))
+    default_size = int((getattr(ref, "pretrained_cfg", None) or {}).get("input_size", (3, 224, 224))[-1])
+    image_size = int(run_config.get("image_size") or default_size)
+    mean = run_config.get("mean") or list(IMAGENET_DEFAULT_MEAN)
+    std = run_config.get("std") or list(IMAGENET_DEFAULT_STD)
+    return {
+        "architecture": arch,
+        "num_classes": 0,
+        "num_features": int(getattr(ref, "num_features", 0)),
+        "model_args": model_args,
+        "pretrained_cfg": _pretrained_cfg(ref, image_size, mean, std, run_config),
+        "sha256": weights_sha,
+        "cifar_stem": cifar_stem,
+        "smi": {
+            "model": str(run_config["model"]),
+            "cifar_stem": cifar_stem,
+            "image_size": image_size,
+            "timm_kwargs": dict(run_config.get("timm_kwargs") or {}),
+            "projector": run_config.get("projector"),
+            "projector_file": PROJECTOR_NAME if projector_sha else None,
+            "projector_sha256": projector_sha,
+            "loss": run_config.get("loss"),
+            "recipe": run_config.get("recipe"),
+            "step": step,
+            "source": source,
+            "smi_timm_version": __version__,
+        },
+    }
 
 
 def export_backbone(model_or_state_dict: Union[nn.Module, Mapping[str, torch.Tensor]],
@@ -272,87 +242,33 @@ def export_backbone(model_or_state_dict: Union[nn.Module, Mapping[str, torch.Ten
         if not isinstance(model_or_state_dict, nn.Module):
             raise ValueError("export_backbone needs run_config when given a state dict")
         run_config = _config_from_model(model_or_state_dict)
-    run_config = dict(run_config)
     if "model" not in run_config:
         raise ValueError("run_config has no 'model' (the timm architecture name)")
-    out = Path(out_dir)
-    backbone_sd, projector_sd = _split_state_dict(model_or_state_dict)
+    backbone_sd, projector_sd = split_state_dict(model_or_state_dict)
     if not backbone_sd:
         raise ValueError("no backbone tensors to export (empty state dict, or no 'backbone.*' keys)")
     if with_projector and not projector_sd:
         raise ValueError("with_projector=True but the model/state dict has no projector tensors")
 
-    model_name = str(run_config["model"])
     cifar_stem = bool(run_config.get("cifar_stem", False))
     timm_kwargs = dict(run_config.get("timm_kwargs") or {})
     model_args = {k: v for k, v in timm_kwargs.items() if k not in _TRAINING_ONLY_KWARGS and k != "num_classes"}
-    ref, arch = _build_reference(model_name, cifar_stem, model_args)
+    ref, arch = _build_reference(str(run_config["model"]), cifar_stem, model_args)
     if validate:
         check_state_dict(backbone_sd, ref, name=f"{arch} (cifar_stem={cifar_stem})")
-    default_size = int((getattr(ref, "pretrained_cfg", None) or {}).get("input_size", (3, 224, 224))[-1])
-    image_size = int(run_config.get("image_size") or default_size)
-    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-
-    mean = run_config.get("mean") or list(IMAGENET_DEFAULT_MEAN)
-    std = run_config.get("std") or list(IMAGENET_DEFAULT_STD)
 
     weights_bytes = _safetensors_bytes(backbone_sd)
-    weights_sha = hashlib.sha256(weights_bytes).hexdigest()
-    projector_sha = None
-    if with_projector:
-        projector_bytes = _safetensors_bytes(projector_sd)
-        projector_sha = hashlib.sha256(projector_bytes).hexdigest()
-
-    from . import __version__
-
-    config: Dict[str, Any] = {
-        "architecture": arch,
-        "num_classes": 0,
-        "num_features": int(getattr(ref, "num_features", 0)),
-        "model_args": model_args,
-        "pretrained_cfg": _pretrained_cfg(ref, image_size, mean, std, run_config),
-        "sha256": weights_sha,
-        "cifar_stem": cifar_stem,
-        "smi": {
-            "model": model_name,
-            "cifar_stem": cifar_stem,
-            "image_size": image_size,
-            "timm_kwargs": timm_kwargs,
-            "projector": run_config.get("projector"),
-            "projector_file": PROJECTOR_NAME if with_projector else None,
-            "projector_sha256": projector_sha,
-            "loss": run_config.get("loss"),
-            "recipe": run_config.get("recipe"),
-            "step": step,
-            "source": source,
-            "smi_timm_version": __version__,
-        },
-    }
-    text = json.dumps(config, indent=2, sort_keys=False, default=str) + "\n"
-
-    _atomic_write(out / WEIGHTS_NAME, weights_bytes)
-    if with_projector:
-        _atomic_write(out / PROJECTOR_NAME, projector_bytes)
+    projector_bytes = _safetensors_bytes(projector_sd) if with_projector else None
+    config = _export_config(run_config, ref, arch, model_args, hashlib.sha256(weights_bytes).hexdigest(),
+                            hashlib.sha256(projector_bytes).hexdigest() if projector_bytes else None, step, source)
+    out = Path(out_dir)
+    atomic_write_bytes(out / WEIGHTS_NAME, weights_bytes)
+    if projector_bytes is not None:
+        atomic_write_bytes(out / PROJECTOR_NAME, projector_bytes)
     elif (out / PROJECTOR_NAME).exists():  # a stale projector from an earlier export would not match
         (out / PROJECTOR_NAME).unlink()
-    _atomic_write(out / CONFIG_NAME, text.encode("utf-8"))
+    write_json_atomic(out / CONFIG_NAME, config, sort_keys=False)  # last: a config means its weights are complete
     return config
-
-
-def _resolve_export_source(path: Path) -> Tuple[Path, Dict[str, Any]]:
-    """``(weights file, run config)`` for a run dir, a checkpoint dir or a checkpoint ``model.safetensors``."""
-    if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist; pass a run directory or a checkpoint folder/file")
-    if path.is_file():
-        weights = path
-    elif (path / "run_config.json").is_file() and (path / "checkpoints").is_dir():
-        weights = latest_checkpoint(path) / WEIGHTS_NAME
-    elif (path / WEIGHTS_NAME).is_file():
-        weights = path / WEIGHTS_NAME
-    else:
-        raise FileNotFoundError(f"{path} is neither a run directory (run_config.json + checkpoints/) nor a checkpoint "
-                                f"folder holding {WEIGHTS_NAME}")
-    return weights, load_run_config(find_run_config(weights))
 
 
 def export_run(path: Union[str, os.PathLike], out_dir: Union[str, os.PathLike],
@@ -360,10 +276,20 @@ def export_run(path: Union[str, os.PathLike], out_dir: Union[str, os.PathLike],
     """Export the latest complete checkpoint of a run dir (or the given checkpoint dir/file) to ``out_dir``."""
     from .models.hub import load_safetensors
 
-    weights, run_config = _resolve_export_source(Path(path))
+    weights, run_config = locate_weights(path)
     state = load_safetensors(weights)
-    return export_backbone(state, out_dir, run_config, with_projector=with_projector, step=_step_of(weights.parent),
+    return export_backbone(state, out_dir, run_config, with_projector=with_projector, step=step_of(weights),
                            source=str(weights))
+
+
+def read_export_config(path: Union[str, os.PathLike]) -> Dict[str, Any]:
+    """``config.json`` of an export folder (error naming the fix when ``path`` is not one)."""
+    folder = Path(path)
+    if not is_export_dir(folder):
+        raise FileNotFoundError(f"{folder} is not an export folder: it needs {CONFIG_NAME} and {WEIGHTS_NAME} "
+                                f"(write one with smi-export RUN_DIR {folder})")
+    with open(folder / CONFIG_NAME, "r", encoding="utf-8") as f:
+        return json.load(f)
 
 
 def load_export(path: Union[str, os.PathLike], num_classes: int = 0, check_hash: bool = True) -> nn.Module:
@@ -376,15 +302,10 @@ def load_export(path: Union[str, os.PathLike], num_classes: int = 0, check_hash:
     import timm
 
     from .models.hub import WeightsHashError, load_safetensors, sha256_file
-    from .models.registry import check_state_dict
     from .models.ssl import apply_cifar_stem
 
     folder = Path(path)
-    if not (folder / CONFIG_NAME).is_file() or not (folder / WEIGHTS_NAME).is_file():
-        raise FileNotFoundError(f"{folder} is not an export folder: it needs {CONFIG_NAME} and {WEIGHTS_NAME} "
-                                f"(write one with smi-export RUN_DIR {folder})")
-    with open(folder / CONFIG_NAME, "r", encoding="utf-8") as f:
-        config = json.load(f)
+    config = read_export_config(folder)
     if check_hash and config.get("sha256"):
         actual = sha256_file(folder / WEIGHTS_NAME)
         if actual != config["sha256"]:
@@ -396,11 +317,26 @@ def load_export(path: Union[str, os.PathLike], num_classes: int = 0, check_hash:
         return timm.create_model(f"local-dir:{folder}", pretrained=True, num_classes=num_classes)
     model = timm.create_model(arch, pretrained=False, num_classes=num_classes, **config.get("model_args", {}))
     apply_cifar_stem(model)
-    state = load_safetensors(folder / WEIGHTS_NAME)
-    classifier = [f"{c}.{p}" for c in [model.pretrained_cfg.get("classifier") or "fc"] for p in ("weight", "bias")]
-    check_state_dict(state, model, name=f"{arch} (cifar_stem=True)", ignore=classifier)
-    model.load_state_dict(state, strict=False)
+    load_weights_checked(model, load_safetensors(folder / WEIGHTS_NAME), f"{arch} (cifar_stem=True)")
     return model
+
+
+def load_weights_checked(model: nn.Module, state: Mapping[str, torch.Tensor], name: str) -> None:
+    """Load backbone (or full ``SSLModel``) weights into a timm model: every key and shape must match, except the
+    classifier's (the file may carry one, the model may have a new one).
+
+    Not timm's ``load_checkpoint``: that one also unpickles ``.pth`` files and reports a mismatch as torch's full key
+    lists; here the state comes from a safetensors file and the error
+    (:class:`~smi_timm.models.registry.WeightsMismatchError`) names the first offending keys with their shapes.
+    """
+    from .models.registry import check_state_dict, strip_ssl_prefix
+
+    classifier = (getattr(model, "pretrained_cfg", None) or {}).get("classifier")
+    names = (classifier,) if isinstance(classifier, str) else tuple(classifier or ())
+    ignore = [f"{c}.{p}" for c in names for p in ("weight", "bias")]
+    state = {k: v for k, v in strip_ssl_prefix(state).items() if k not in ignore}
+    check_state_dict(state, model, name=name, ignore=ignore)
+    model.load_state_dict(state, strict=False)
 
 
 def main(argv=None) -> int:
@@ -413,9 +349,17 @@ def main(argv=None) -> int:
     parser.add_argument("out_dir", help="output folder (model.safetensors + config.json)")
     parser.add_argument("--with-projector", action="store_true",
                         help="also write projector.safetensors (projector keys without the 'projector.' prefix)")
+    parser.add_argument("--push-to-hub", metavar="ORG/NAME", default=None,
+                        help="then upload the folder, with a model card (README.md), to this Hugging Face Hub "
+                             "repo (token: huggingface-cli login or HF_TOKEN); timm.create_model('hf-hub:ORG/NAME') "
+                             "loads it")
+    parser.add_argument("--private", action="store_true", help="with --push-to-hub: create a private repository")
+    parser.add_argument("--results", nargs="+", default=[], metavar="JSON",
+                        help="smi-eval result files (--out) measured on this export, for the model card")
     args = parser.parse_args(argv)
     try:
         config = export_run(args.path, args.out_dir, with_projector=args.with_projector)
+        results = [json.loads(Path(f).read_text(encoding="utf-8")) for f in args.results]
     except (FileNotFoundError, ValueError, RuntimeError) as err:
         print(f"smi-export: error: {err}", file=sys.stderr)
         return 2
@@ -426,6 +370,19 @@ def main(argv=None) -> int:
         print(f"wrote {out / PROJECTOR_NAME} (sha256 {config['smi']['projector_sha256']})")
     print(f"wrote {out / CONFIG_NAME}")
     print(f"load with: import smi_timm, timm; timm.create_model('local-dir:{out}', pretrained=True)")
+    if args.push_to_hub:
+        from .publish import push_to_hub, write_model_card
+
+        run_dir = Path(args.path) if is_run_dir(Path(args.path)) else None
+        print(f"wrote {write_model_card(out, repo_id=args.push_to_hub, run_dir=run_dir, results=results)}")
+        try:
+            url = push_to_hub(out, args.push_to_hub, private=args.private)
+        except Exception as err:  # network, authentication, permissions: say so, the export itself is done
+            print(f"smi-export: error: the export is in {out}, but uploading it to {args.push_to_hub} failed: "
+                  f"{type(err).__name__}: {err}", file=sys.stderr)
+            return 1
+        print(f"uploaded to https://huggingface.co/{args.push_to_hub} ({url}); load with: "
+              f"timm.create_model('hf-hub:{args.push_to_hub}', pretrained=True)")
     return 0
 
 

@@ -16,15 +16,12 @@ command's own kNN output on the bundled test split; they suit this tiny budget a
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
-import torch
-
-__all__ = ["QUICKSTART", "main", "knn_pretrained_vs_random"]
+__all__ = ["QUICKSTART", "METHOD_NAMES", "main", "knn_pretrained_vs_random"]
 
 QUICKSTART = dict(
     model="resnet18",
@@ -51,36 +48,43 @@ QUICKSTART = dict(
 )
 
 
-def _knn(backbone, bank_loader, test_loader) -> Dict[str, float]:
-    from .eval.features import extract_features
-    from .eval.knn import knn_classify
-
-    bank, bank_labels = extract_features(backbone, bank_loader, progress=False)
-    test, test_labels = extract_features(backbone, test_loader, progress=False)
-    out = {}
-    for k in (200, 20):
-        res = knn_classify(bank, bank_labels, test, test_labels, k=k, T=0.1)
-        out[f"k{k}_top1"] = float(res["top1"])
-        out[f"k{k}_top5"] = float(res["top5"])
-    return out
+#: How the quick start's table names each ``--loss``.
+METHOD_NAMES = {"smi": "SMI", "barlow": "Barlow Twins", "vicreg": "VICReg"}
 
 
 def knn_pretrained_vs_random(pretrained_backbone, model: str, cifar_stem: bool, image_size: int, seed: int = 0,
                              workers: int = 1) -> Dict[str, Dict[str, float]]:
-    """kNN accuracy on the bundled test split of a pretrained backbone and of a random init of the same model."""
-    from .data import make_eval_loader, sample_shards
-    from .models import create_ssl_model
+    """kNN accuracy (k=200 and k=20, T=0.1; bank: the bundled training split, queries: the bundled test split) of a
+    pretrained backbone and of a random init of the same model: ``{"pretrained"|"random_init": {"k200_top1", ...}}``."""
+    from .eval.knn import knn_evaluate
+    from .resolve import resolve_backbone
 
-    torch.manual_seed(seed)
-    random_backbone = create_ssl_model(model, "none", cifar_stem=cifar_stem).backbone
+    random_backbone = resolve_backbone("random", model=model, cifar_stem=cifar_stem, seed=seed).backbone
     results = {}
     for name, backbone in (("pretrained", pretrained_backbone), ("random_init", random_backbone)):
-        bank_loader = make_eval_loader(sample_shards("train"), batch_size=250, image_size=image_size,
-                                       num_workers=workers)
-        test_loader = make_eval_loader(sample_shards("test"), batch_size=250, image_size=image_size,
-                                       num_workers=workers)
-        results[name] = _knn(backbone, bank_loader, test_loader)
+        res = knn_evaluate(backbone, "sample:train", "sample:test", ks=(200, 20), T=0.1, image_size=image_size,
+                           batch_size=250, workers=workers)
+        results[name] = {f"k{k}_{m}": float(res.accuracy[k][m]) for k in (200, 20) for m in ("top1", "top5")}
     return results
+
+
+def _print_summary(cfg, summary: Dict, train_seconds: float) -> None:
+    p, r = summary["knn"]["pretrained"], summary["knn"]["random_init"]
+    print()
+    print(f"trained {summary['steps']} steps in {train_seconds:.0f} s; kNN on the bundled test split (1,000 images):")
+    print("| backbone | kNN top-1 (k=200) | kNN top-1 (k=20) |")
+    print("|---|---|---|")
+    print(f"| {cfg.model} {METHOD_NAMES.get(cfg.loss, cfg.loss)}-pretrained | {p['k200_top1']:.1f} | "
+          f"{p['k20_top1']:.1f} |")
+    print(f"| {cfg.model} random init | {r['k200_top1']:.1f} | {r['k20_top1']:.1f} |")
+    print()
+    print(f"weights: {summary['weights']}")
+    print(f"metrics: {summary['metrics']}")
+    print(f"curve:   {summary['curve']}")
+    print(f"summary: {Path(cfg.output_dir) / 'quickstart.json'}")
+    if p["k200_top1"] <= r["k200_top1"]:
+        print("warning: the pretrained backbone did not beat the random init; train longer (--steps)",
+              file=sys.stderr)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -89,7 +93,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--steps", type=int, default=QUICKSTART["max_steps"],
                         help=f"optimiser steps (default: {QUICKSTART['max_steps']})")
     parser.add_argument("--output-dir", default=QUICKSTART["output_dir"], help="run directory")
-    parser.add_argument("--loss", default="smi", choices=["smi", "barlow", "vicreg"], help="loss (default: smi)")
+    parser.add_argument("--loss", default="smi", choices=list(METHOD_NAMES), help="loss (default: smi)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workers", type=int, default=QUICKSTART["workers"], help="data loader workers")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
@@ -103,8 +107,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                     save_every=max(1, min(QUICKSTART["save_every"], args.steps)),
                     warmup_steps=min(QUICKSTART["warmup_steps"], max(0, args.steps // 5)))
     cfg = TrainConfig(**settings)
-    print(f"smi-timm quick start: {cfg.loss} on the bundled CIFAR-10 sample, {cfg.model} at {cfg.image_size} px, "
-          f"batch {cfg.batch_size}, {cfg.max_steps} steps")
+    print(f"smi-timm quick start: {METHOD_NAMES[cfg.loss]} on the bundled CIFAR-10 sample, {cfg.model} at "
+          f"{cfg.image_size} px, batch {cfg.batch_size}, {cfg.max_steps} steps")
     t0 = time.perf_counter()
     result = train(cfg)
     train_seconds = time.perf_counter() - t0
@@ -113,35 +117,21 @@ def main(argv: Optional[List[str]] = None) -> int:
               f"--output-dir {cfg.output_dir}")
         return 1
 
-    from .export import load_export
+    from .layout import WEIGHTS_NAME, write_json_atomic
+    from .resolve import resolve_backbone
 
     t1 = time.perf_counter()
-    backbone = load_export(result.export_dir)  # what a user gets back from the exported files
+    backbone = resolve_backbone(result.export_dir).backbone  # what a user gets back from the exported files
     knn = knn_pretrained_vs_random(backbone, cfg.model, cfg.cifar_stem, cfg.image_size, seed=cfg.seed,
                                    workers=cfg.workers)
-    eval_seconds = time.perf_counter() - t1
     summary = {
         "config": settings, "steps": result.step, "train_seconds": round(train_seconds, 1),
-        "eval_seconds": round(eval_seconds, 1), "train_images_per_s": round(result.images_per_s, 1),
-        "knn": knn, "weights": str(result.export_dir / "model.safetensors"),
+        "eval_seconds": round(time.perf_counter() - t1, 1), "train_images_per_s": round(result.images_per_s, 1),
+        "knn": knn, "weights": str(result.export_dir / WEIGHTS_NAME),
         "metrics": str(result.metrics_path), "curve": str(result.curve_png) if result.curve_png else None,
     }
-    (Path(cfg.output_dir) / "quickstart.json").write_text(json.dumps(summary, indent=2))
-    p, r = knn["pretrained"], knn["random_init"]
-    print()
-    print(f"trained {result.step} steps in {train_seconds:.0f} s; kNN on the bundled test split (1,000 images):")
-    print("| backbone | kNN top-1 (k=200) | kNN top-1 (k=20) |")
-    print("|---|---|---|")
-    print(f"| {cfg.model} SMI-pretrained | {p['k200_top1']:.1f} | {p['k20_top1']:.1f} |")
-    print(f"| {cfg.model} random init | {r['k200_top1']:.1f} | {r['k20_top1']:.1f} |")
-    print()
-    print(f"weights: {summary['weights']}")
-    print(f"metrics: {summary['metrics']}")
-    print(f"curve:   {summary['curve']}")
-    print(f"summary: {Path(cfg.output_dir) / 'quickstart.json'}")
-    if p["k200_top1"] <= r["k200_top1"]:
-        print("warning: the pretrained backbone did not beat the random init; train longer (--steps)",
-              file=sys.stderr)
+    write_json_atomic(Path(cfg.output_dir) / "quickstart.json", summary, sort_keys=False)
+    _print_summary(cfg, summary, train_seconds)
     return 0
 
 

@@ -12,11 +12,11 @@ from smi_timm.analysis import (
     effective_rank,
     main,
     rankme,
-    read_metrics,
     redundancy,
     two_view_pair,
     uniformity,
 )
+from smi_timm.curves import read_metrics
 
 
 @pytest.fixture(autouse=True)
@@ -98,12 +98,12 @@ def test_analyze_run_dir_with_projector(tmp_path, monkeypatch):
     metrics for features and embeddings, and the run's curves."""
     import safetensors.torch as st
 
-    import smi_timm.eval.cli as cli
+    import smi_timm.eval.features as features
     from smi_timm.models import create_ssl_model
 
     g = torch.Generator().manual_seed(0)
     batches = [(torch.randn(12, 3, 32, 32, generator=g), torch.arange(12) % 4) for _ in range(2)]
-    monkeypatch.setattr(cli, "_make_loader", lambda *args, **kwargs: batches)
+    monkeypatch.setattr(features, "eval_loader", lambda *args, **kwargs: batches)
     run = _fake_run(tmp_path)
     ssl = create_ssl_model("resnet18", projector="64-32")
     (run / "run_config.json").write_text(json.dumps({"model": "resnet18", "projector": "64-32", "cifar_stem": False,
@@ -131,10 +131,9 @@ def test_analyze_run_dir_with_projector(tmp_path, monkeypatch):
 
 
 def test_analyze_bundled_sample_ssl_views(tmp_path):
-    data = pytest.importorskip("smi_timm.data")
-    if not hasattr(data, "make_ssl_loader") or not hasattr(data, "sample_shards"):
-        pytest.skip("smi_timm.data has no SSL loader / bundled sample")
-    test = data.sample_shards("test")[0]
+    from smi_timm.data import sample_shards
+
+    test = sample_shards("test")[0]
     out = tmp_path / "ana"
     rc = main(["--weights", "random", "--model", "resnet18", "--image-size", "32", "--projector", "16",
                "--data", test, "--num-samples", "32", "--batch-size", "32", "--workers", "0", "--out-dir", str(out),

@@ -1,20 +1,23 @@
 """Evaluation: feature extraction, weighted kNN, linear probe, feature cache and the smi-eval command."""
 import json
 import socket
+from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
-from smi_timm.eval.features import extract_features
-from smi_timm.eval.knn import knn_classify, knn_classify_multi
-from smi_timm.eval.linear import (
+from smi_timm.eval.features import (
     clear_memory_cache,
+    extract_features,
     feature_cache_key,
     load_cached_features,
     save_cached_features,
-    train_linear_probe,
 )
+from smi_timm.eval.knn import knn_classify, knn_classify_multi
+from smi_timm.eval.linear import train_linear_probe
+
+REPO_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"  # ../shared/data next to the repository
 
 
 @pytest.fixture(autouse=True)
@@ -153,15 +156,41 @@ def test_extract_features_modes_flip_amp():
         extract_features(net, [], progress=False)
 
 
+def test_knn_evaluate_one_path_with_cache(tmp_path):
+    from smi_timm.eval.features import extract_pair
+    from smi_timm.eval.knn import knn_evaluate
+
+    clear_memory_cache()
+    torch.manual_seed(0)
+    net = _Net()
+    g = torch.Generator().manual_seed(1)
+    bank = [(torch.randn(6, 3, 8, 8, generator=g), torch.arange(6) % 3) for _ in range(3)]
+    query = [(torch.randn(5, 3, 8, 8, generator=g), torch.arange(5) % 3) for _ in range(2)]
+    res = knn_evaluate(net, bank, query, ks=(4, 2), T=0.5, image_size=8)
+    bank_f, bank_l = extract_features(net, bank, progress=False)
+    query_f, query_l = extract_features(net, query, progress=False)
+    assert res.accuracy == knn_classify_multi(bank_f, bank_l, query_f, query_l, ks=(4, 2), T=0.5)
+    assert torch.equal(res.features.bank, bank_f) and res.features.num_classes == 3 and not res.features.cached
+    assert res.monitor(2) == {"knn_top1": res.accuracy[2]["top1"], "knn_top5": res.accuracy[2]["top5"]}
+    assert set(res.features.times) == {"extract_train_s", "extract_test_s"}
+    # the cache: memory first, then disk; a hit extracts nothing (the loaders are not even iterated)
+    first = knn_evaluate(net, bank, query, ks=(4,), image_size=8, cache_key="k1", cache_dir=tmp_path)
+    clear_memory_cache()
+    again = knn_evaluate(net, iter(()), iter(()), ks=(4,), image_size=8, cache_key="k1", cache_dir=tmp_path)
+    assert again.features.cached and again.accuracy == first.accuracy
+    assert (tmp_path / "features-k1.safetensors").is_file()
+    flipped = extract_pair(net, bank, query, image_size=8, flip=True)
+    assert flipped.bank.shape[0] == 36 and flipped.query.shape[0] == 10
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # smi-eval end to end on the bundled sample
 # ---------------------------------------------------------------------------------------------------------------------
 
 def _sample():
-    data = pytest.importorskip("smi_timm.data")
-    if not hasattr(data, "sample_shards") or not hasattr(data, "make_eval_loader"):
-        pytest.skip("smi_timm.data has no bundled sample / eval loader")
-    return data.sample_shards("train"), data.sample_shards("test")
+    from smi_timm.data import sample_shards
+
+    return sample_shards("train"), sample_shards("test")
 
 
 def test_cli_knn_linear_and_export_dir(tmp_path, capsys):
@@ -220,7 +249,6 @@ def test_cli_timm_weights_file_and_image_folder(tmp_path):
 
     from smi_timm.eval.cli import run_linear
 
-    _sample()
     for split in ("train", "test"):
         for c, color in enumerate(((250, 10, 10), (10, 10, 250))):
             d = tmp_path / split / f"class{c}"
@@ -237,3 +265,68 @@ def test_cli_timm_weights_file_and_image_folder(tmp_path):
     assert res["num_train"] == 12 and res["num_test"] == 12 and res["num_classes"] == 2
     assert res["top1"] == 100.0  # red vs blue
     assert res["weights"] == "timm:resnet18" and len(res["weights_sha256"]) == 64
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# transfer
+# ---------------------------------------------------------------------------------------------------------------------
+
+def test_run_transfer_sizes_ks_and_table(tmp_path):
+    from smi_timm.eval.cli import run_knn, run_linear
+    from smi_timm.eval.transfer import parse_image_sizes, run_transfer
+
+    train, test = _sample()
+    common = dict(model="resnet10t", batch_size=32, max_batches=2, workers=0, progress=False)
+    table = tmp_path / "t.md"
+    res = run_transfer("random", train[0], test[0], image_sizes=(32, 48), ks=(20, 5), epochs=3,
+                       out=str(tmp_path / "t.json"), table=str(table), quiet=True, **common)
+    assert [ev["image_size"] for ev in res["evals"]] == [32, 48]
+    assert all(set(ev["knn"]) == {"k=20", "k=5"} and ev["num_train"] == 64 for ev in res["evals"])
+    # the same numbers as the single evaluations
+    knn = run_knn("random", train[0], test[0], image_size=48, k=20, extra_k=(5,), quiet=True, **common)
+    lin = run_linear("random", train[0], test[0], image_size=48, epochs=3, quiet=True, **common)
+    assert res["evals"][1]["knn"] == knn["results"] and res["evals"][1]["linear"]["top1"] == lin["top1"]
+    assert len(res["table_rows"]) == 6 and "| 48 | kNN k=5, T=0.1 |" in res["table_rows"][4]
+    assert json.loads((tmp_path / "t.json").read_text())["evals"] == res["evals"]
+    run_transfer("random", train[0], test[0], image_sizes=(32,), ks=(5,), epochs=1, table=str(table), quiet=True,
+                 **common)
+    assert table.read_text().count("| model |") == 1 and table.read_text().count("\n") == 2 + 6 + 2
+    assert parse_image_sizes(["native", "64"]) == [None, 64]
+    with pytest.raises(ValueError, match="'abc'"):
+        parse_image_sizes(["abc"])
+
+
+def test_cli_transfer_several_backbones(tmp_path, capsys):
+    from smi_timm.eval.cli import main
+    from smi_timm.export import export_backbone
+    from smi_timm.models import create_ssl_model
+    from smi_timm.resolve import resolve_backbone
+
+    train, test = _sample()
+    ssl = create_ssl_model("resnet10t", projector="none")
+    export_backbone(ssl, tmp_path / "export", {"model": "resnet10t", "cifar_stem": False, "image_size": 32})
+    common = ["--train", train[0], "--test", test[0], "--batch-size", "32", "--max-batches", "1", "--workers", "0",
+              "--no-progress", "--epochs", "2"]
+    # --model applies to the random floor only; the export records its own architecture and size ("native")
+    rc = main(["transfer", "--weights", str(tmp_path / "export"), "--weights", "random", "--model", "resnet10t",
+               "--image-sizes", "native", "40", "--k", "10", "5", "--out", str(tmp_path / "t.json"), *common])
+    assert rc == 0
+    res = json.loads((tmp_path / "t.json").read_text())["backbones"]
+    assert [r["model"] for r in res] == ["resnet10t", "resnet10t"]
+    assert [ev["image_size"] for ev in res[0]["evals"]] == [32, 40]
+    native = resolve_backbone("random", model="resnet10t").default_image_size()  # timm's size for resnet10t
+    assert [ev["image_size"] for ev in res[1]["evals"]] == [native, 40]
+    assert capsys.readouterr().out.count("| kNN k=10, T=0.1 |") == 4
+    assert main(["transfer", "--weights", "random", "--model", "resnet10t", "--image-sizes", "big", *common]) == 2
+    assert "'big'" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not (REPO_DATA / "flowers12" / "test-000000.tar").is_file(), reason="no ../shared/data/flowers12")
+def test_transfer_reads_shards_without_an_index():
+    from smi_timm.eval.transfer import run_transfer
+
+    d = REPO_DATA / "flowers12"
+    res = run_transfer("random", str(d / "train-000000.tar"), str(d / "test-000000.tar"), model="resnet10t",
+                       image_sizes=(32,), ks=(5,), epochs=1, batch_size=24, max_batches=1, workers=0, progress=False,
+                       quiet=True)
+    assert res["evals"][0]["num_train"] == 24 and res["evals"][0]["num_test"] == 24

@@ -3,6 +3,7 @@ import hashlib
 import json
 import socket
 import warnings
+from pathlib import Path
 
 import pytest
 import safetensors.torch as st
@@ -10,7 +11,8 @@ import timm
 import torch
 
 import smi_timm  # noqa: F401  (registers the *_cifar names used as `architecture`)
-from smi_timm.export import export_backbone, export_run, latest_checkpoint, load_export, main
+from smi_timm.export import export_backbone, export_run, load_export, main
+from smi_timm.layout import WEIGHTS_NAME, latest_checkpoint
 from smi_timm.models import build_projector, create_ssl_model
 from smi_timm.models.registry import WeightsMismatchError
 
@@ -144,7 +146,7 @@ def _make_run(tmp_path):
 
 def test_export_run_latest_and_cli(tmp_path, capsys):
     run, models = _make_run(tmp_path)
-    assert latest_checkpoint(run).name == "step_000000200"
+    assert latest_checkpoint(run, needs=WEIGHTS_NAME).name == "step_000000200"
     cfg = export_run(run, tmp_path / "out", with_projector=True)
     assert cfg["smi"]["step"] == 200
     w = st.load_file(str(tmp_path / "out" / "model.safetensors"))
@@ -193,3 +195,50 @@ def test_export_unwraps_ddp_style_wrappers(tmp_path):
     a = export_backbone(ssl, tmp_path / "a", _run_config(), with_projector=True)
     b = export_backbone(wrapper, tmp_path / "b", _run_config(), with_projector=True)
     assert a["sha256"] == b["sha256"] and a["smi"]["projector_sha256"] == b["smi"]["projector_sha256"]
+
+
+class FakeHfApi:
+    """Stands for huggingface_hub.HfApi: records the calls, uploads nothing (the tests run offline)."""
+
+    def __init__(self, *args, **kwargs):
+        self.calls = []
+        FakeHfApi.last = self
+
+    def create_repo(self, repo_id, **kwargs):
+        self.calls.append(("create_repo", repo_id, kwargs))
+
+    def upload_folder(self, **kwargs):
+        self.calls.append(("upload_folder", kwargs["repo_id"], kwargs))
+        self.files = sorted(p.name for p in Path(kwargs["folder_path"]).iterdir())
+        return "https://huggingface.co/org/name/commit/0123"
+
+
+def test_push_to_hub_uploads_the_export_with_a_model_card(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    from smi_timm.export import main
+    from smi_timm.train import TrainConfig, train
+
+    res = train(TrainConfig(model="resnet10t", projector="32-32", image_size=32, augment="cifar",
+                            data=["sample:train"], epoch_samples=64, batch_size=8, workers=0, max_steps=2,
+                            warmup_steps=1, log_every=1, progress=False, output_dir=str(tmp_path / "run"),
+                            eval_train=["sample:train"], eval_test=["sample:test"], eval_k=20, export=False))
+    result = tmp_path / "knn.json"
+    result.write_text(json.dumps({"task": "knn", "table_row": "| resnet10t | export | sample:train | sample:test "
+                                                              "| kNN k=200 | 31.00 | 80.00 | |"}))
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeHfApi)
+    out = tmp_path / "out"
+    assert main([str(res.run_dir), str(out), "--push-to-hub", "org/name", "--private", "--results", str(result)]) == 0
+    api = FakeHfApi.last
+    assert [c[0] for c in api.calls] == ["create_repo", "upload_folder"]
+    assert api.calls[0][1] == "org/name" and api.calls[0][2]["private"] is True
+    assert {"model.safetensors", "config.json", "README.md"} <= set(api.files)
+    card = (out / "README.md").read_text()
+    for text in ("library_name: timm", "timm.create_model('hf-hub:org/name', pretrained=True)", "SMI (Semantic",
+                 "neg_weight=64.0", "eps=0.001", "sample:train", "optimizer lars", "Online kNN monitor at step 2",
+                 "| resnet10t | export | sample:train | sample:test | kNN k=200 | 31.00 |"):
+        assert text in card, text
+    # an upload that fails says so, and keeps the export
+    monkeypatch.setattr(FakeHfApi, "upload_folder", lambda self, **kw: (_ for _ in ()).throw(OSError("offline")))
+    assert main([str(res.run_dir), str(tmp_path / "out2"), "--push-to-hub", "org/name"]) == 1
+    assert (tmp_path / "out2" / "model.safetensors").is_file()

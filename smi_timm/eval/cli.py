@@ -4,6 +4,7 @@
 
     smi-eval knn    --weights W --train 'train-{000000..000004}.tar.gz' --test 'test-000000.tar.gz' [--out r.json]
     smi-eval linear --weights W --train ... --test ... [--epochs 100 --lr 0.1 --wd 1e-4 --flip --cache-dir DIR]
+    smi-eval transfer --weights W [--weights W2 ...] --train ... --test ... [--image-sizes native 64 --k 20 5]
 
 ``--weights`` is one of
 
@@ -15,189 +16,50 @@
 * a ``.safetensors`` file with backbone (or full ``SSLModel``) weights, with ``--model`` [``--cifar-stem``];
 * ``timm:NAME`` with ``--weights-file F.safetensors``: any timm architecture with a local weights file (offline).
 
+(:func:`smi_timm.resolve.resolve_backbone` builds all of them.)
+
 ``--train``/``--test`` take WebDataset shard patterns (``.tar``/``.tar.gz``, brace ranges, repeat the flag for
 several), ImageFolder directories, or ``sample:train`` / ``sample:test`` (the CIFAR-10 sample bundled with the
 package). Each run writes one JSON (``--out``) and prints one markdown table row (appended
 to ``--table`` with a header when the file is new), so a transfer table is built by running the command per data set.
-kNN always reports ``k=20`` next to ``--k``.
+kNN always reports ``k=20`` next to ``--k``. ``transfer`` (:func:`smi_timm.eval.transfer.run_transfer`) evaluates
+one or more backbones by kNN (every ``--k``) and the linear probe at every ``--image-sizes`` entry in one command,
+with one JSON (``{"backbones": [...]}``) and one table.
 """
 from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import inspect
 import json
 import os
 import platform
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
+
+from ..layout import write_json_atomic
+from ..resolve import ResolvedBackbone, resolve_backbone
+from .features import DataSpec, FeaturePair, data_label, data_list, extract_pair, feature_cache_key
 
 __all__ = ["main", "run_knn", "run_linear", "load_backbone", "TABLE_HEADER"]
 
 TABLE_HEADER = ("| model | weights | train | test | eval | top-1 | top-5 | notes |\n"
                 "|---|---|---|---|---|---:|---:|---|\n")
-DataSpec = Union[str, os.PathLike, Sequence[Union[str, os.PathLike]]]
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# backbones
-# ---------------------------------------------------------------------------------------------------------------------
-
-def _create_backbone(model: str, cifar_stem: bool, timm_kwargs: Optional[Dict[str, Any]]) -> nn.Module:
-    import timm
-
-    from ..models.ssl import apply_cifar_stem
-
-    if not timm.is_model(model):
-        raise ValueError(f"unknown timm model {model!r}; see timm.list_models() (smi names need `import smi_timm`)")
-    kwargs = dict(timm_kwargs or {})
-    kwargs.pop("num_classes", None)
-    backbone = timm.create_model(model, pretrained=False, num_classes=0, **kwargs)
-    if cifar_stem:
-        apply_cifar_stem(backbone)
-    return backbone
-
-
-def _load_checked(backbone: nn.Module, state: Dict[str, torch.Tensor], name: str) -> None:
-    from ..models.registry import check_state_dict, strip_ssl_prefix
-
-    state = strip_ssl_prefix(state)
-    classifier = (backbone.pretrained_cfg or {}).get("classifier") if hasattr(backbone, "pretrained_cfg") else None
-    names = ((classifier,) if isinstance(classifier, str) else tuple(classifier or ()))
-    ignore = [f"{c}.{p}" for c in names for p in ("weight", "bias")]
-    state = {k: v for k, v in state.items() if k not in ignore}
-    check_state_dict(state, backbone, name=name, ignore=ignore)
-    backbone.load_state_dict(state, strict=False)
-
-
-def _default_image_size(backbone: nn.Module, cifar_stem: bool) -> int:
-    if cifar_stem:
-        return 32
-    cfg = getattr(backbone, "pretrained_cfg", None) or {}
-    return int(cfg.get("input_size", (3, 224, 224))[-1])
 
 
 def load_backbone(weights: str = "random", model: Optional[str] = None, cifar_stem: bool = False,
                   image_size: Optional[int] = None, weights_file: Optional[str] = None, seed: int = 0,
                   timm_kwargs: Optional[Dict[str, Any]] = None) -> Tuple[nn.Module, Dict[str, Any]]:
-    """Build the backbone named by ``weights`` (see the module doc) and describe it.
-
-    Returns:
-        ``(backbone, info)``; ``info`` has ``model``, ``weights``, ``weights_sha256``, ``cifar_stem``,
-        ``image_size``, ``mean``, ``std`` and ``crop_pct`` (None = the loader's default).
-    """
-    from ..export import CONFIG_NAME, WEIGHTS_NAME, _resolve_export_source, load_export
-    from ..models.hub import load_safetensors, resolve_weights, sha256_file
-
-    weights = str(weights)
-    info: Dict[str, Any] = {"weights": weights, "weights_sha256": None, "crop_pct": None, "mean": None, "std": None}
-    path = Path(weights)
-    if weights == "random":
-        if not model:
-            raise ValueError("--weights random needs --model (the timm architecture to initialise)")
-        torch.manual_seed(seed)
-        backbone = _create_backbone(model, cifar_stem, timm_kwargs)
-        info.update(model=model, cifar_stem=cifar_stem, weights=f"random (seed {seed})")
-    elif weights.startswith("timm:"):
-        name = weights[len("timm:"):]
-        if not weights_file:
-            raise ValueError(f"--weights {weights} needs --weights-file F.safetensors: loading {name}'s published "
-                             f"weights would need the network; download the file once and pass it")
-        file = resolve_weights(weights_file)
-        backbone = _create_backbone(name, cifar_stem, timm_kwargs)
-        _load_checked(backbone, load_safetensors(file), name)
-        cfg = backbone.pretrained_cfg or {}
-        info.update(model=name, cifar_stem=cifar_stem, weights_sha256=sha256_file(file), weights=f"timm:{name}",
-                    mean=list(cfg.get("mean", ())) or None, std=list(cfg.get("std", ())) or None,
-                    crop_pct=cfg.get("crop_pct"), weights_file=str(file))
-    elif path.is_dir() and (path / CONFIG_NAME).is_file() and (path / WEIGHTS_NAME).is_file():
-        backbone = load_export(path)
-        with open(path / CONFIG_NAME, "r", encoding="utf-8") as f:
-            config = json.load(f)
-        smi = config.get("smi") or {}
-        exported_model = smi.get("model") or config["architecture"]
-        if model and model not in (exported_model, config["architecture"]):
-            raise ValueError(f"--model {model} contradicts the export in {path} ({exported_model}); drop --model")
-        pcfg = config.get("pretrained_cfg", {})
-        info.update(model=exported_model, cifar_stem=bool(config.get("cifar_stem", False)),
-                    weights_sha256=config.get("sha256"), mean=pcfg.get("mean"), std=pcfg.get("std"),
-                    crop_pct=pcfg.get("crop_pct"))
-        image_size = image_size or int(pcfg.get("input_size", (3, 224, 224))[-1])
-    elif path.exists():
-        if path.is_file() and path.suffix == ".safetensors" and model:
-            file, run_config = path, {"model": model, "cifar_stem": cifar_stem, "timm_kwargs": timm_kwargs or {}}
-        else:
-            try:  # run dir / checkpoint dir / checkpoint file
-                file, run_config = _resolve_export_source(path)
-            except FileNotFoundError as err:
-                raise FileNotFoundError(f"{err}; for a bare weights file pass --model NAME [--cifar-stem]") from None
-            if model and model != run_config["model"]:
-                raise ValueError(f"--model {model} contradicts the run config of {path} ({run_config['model']})")
-        backbone = _create_backbone(run_config["model"], bool(run_config.get("cifar_stem")),
-                                    run_config.get("timm_kwargs"))
-        _load_checked(backbone, load_safetensors(file), run_config["model"])
-        info.update(model=run_config["model"], cifar_stem=bool(run_config.get("cifar_stem")),
-                    weights_sha256=sha256_file(file), weights=str(file), mean=run_config.get("mean"),
-                    std=run_config.get("std"))
-        image_size = image_size or run_config.get("image_size")
-    else:
-        raise FileNotFoundError(f"--weights {weights!r} is not 'random', 'timm:NAME', an existing export/run folder "
-                                f"or a .safetensors file")
-    info["image_size"] = int(image_size or _default_image_size(backbone, info["cifar_stem"]))
-    info["num_features"] = int(getattr(backbone, "num_features", 0))
-    return backbone.eval(), info
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# data and features
-# ---------------------------------------------------------------------------------------------------------------------
-
-def _as_list(spec: DataSpec) -> List[str]:
-    if isinstance(spec, (str, os.PathLike)):
-        return [os.fspath(spec)]
-    return [os.fspath(s) for s in spec]
-
-
-def _data_label(spec: DataSpec) -> str:
-    items = _as_list(spec)
-    if len(items) == 1 and items[0].startswith("sample:"):
-        return items[0]
-    first = items[0].rstrip("/\\")
-    label = "/".join(Path(first).parts[-2:])
-    return label + (f" (+{len(items) - 1})" if len(items) > 1 else "")
-
-
-def expand_data_spec(spec: DataSpec) -> List[str]:
-    """Data spec as a list; ``sample:train`` / ``sample:test`` name the CIFAR-10 sample bundled with the package."""
-    items: List[str] = []
-    for item in _as_list(spec):
-        if item.startswith("sample:"):
-            from ..data import sample_shards
-
-            items.extend(str(p) for p in sample_shards(item[len("sample:"):]))
-        else:
-            items.append(item)
-    return items
-
-
-def _make_loader(spec: DataSpec, batch_size: int, image_size: int, workers: int, info: Dict[str, Any]):
-    from ..data import make_eval_loader
-
-    items = expand_data_spec(spec)
-    urls: Union[str, List[str]] = items[0] if len(items) == 1 else items
-    params = inspect.signature(make_eval_loader).parameters
-    kwargs: Dict[str, Any] = {}
-    if "num_workers" in params:
-        kwargs["num_workers"] = workers
-    for key in ("mean", "std", "crop_pct"):
-        if info.get(key) is not None and key in params:
-            kwargs[key] = tuple(info[key]) if key != "crop_pct" else float(info[key])
-    return make_eval_loader(urls, batch_size=batch_size, image_size=image_size, **kwargs)
+    """``(backbone in eval mode, info)`` for ``weights`` (see the module doc and
+    :func:`smi_timm.resolve.resolve_backbone`); ``info`` has ``model``, ``weights``, ``weights_sha256``,
+    ``cifar_stem``, ``image_size``, ``mean``, ``std``, ``crop_pct`` (None = the loader's default), ``num_features``."""
+    resolved = resolve_backbone(weights, model=model, cifar_stem=cifar_stem, timm_kwargs=timm_kwargs,
+                                weights_file=weights_file, seed=seed)
+    return resolved.backbone.eval(), resolved.describe(image_size)
 
 
 def _default_device(device: Optional[str]) -> torch.device:
@@ -206,38 +68,19 @@ def _default_device(device: Optional[str]) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _features(backbone: nn.Module, info: Dict[str, Any], train: DataSpec, test: DataSpec, *, batch_size: int,
-              workers: int, amp: str, device: torch.device, flip: bool, progress: bool, cache_dir: Optional[str],
-              max_batches: Optional[int], times: Dict[str, float]):
-    from .features import extract_features
-    from .linear import feature_cache_key, load_cached_features, save_cached_features
-
+def _extraction(resolved: ResolvedBackbone, info: Dict[str, Any], train: DataSpec, test: DataSpec, *, flip: bool,
+                batch_size: int, workers: int, amp: str, device: torch.device, max_batches: Optional[int],
+                progress: bool, cache_dir: Optional[str]) -> Dict[str, Any]:
+    """Keyword arguments of :func:`extract_pair` / :func:`knn_evaluate` for a resolved backbone, with its cache key."""
     key = feature_cache_key(weights=info["weights_sha256"] or info["weights"], model=info["model"],
-                            cifar_stem=info["cifar_stem"], train=_as_list(train), test=_as_list(test),
+                            cifar_stem=info["cifar_stem"], train=data_list(train), test=data_list(test),
                             image_size=info["image_size"], flip=flip, amp=amp, max_batches=max_batches,
                             mean=info.get("mean"), std=info.get("std"), crop_pct=info.get("crop_pct"))
-    cached = load_cached_features(key, cache_dir)
-    if cached is not None:
-        times.update(extract_train_s=0.0, extract_test_s=0.0)
-        return cached, True
-    backbone.to(device)
-    t0 = time.perf_counter()
-    loader = _make_loader(train, batch_size, info["image_size"], workers, info)
-    train_feats, train_labels = extract_features(backbone, loader, device=device, amp_dtype=amp, flip=flip,
-                                                 max_batches=max_batches, progress=progress, desc="train features")
-    t1 = time.perf_counter()
-    loader = _make_loader(test, batch_size, info["image_size"], workers, info)
-    test_feats, test_labels = extract_features(backbone, loader, device=device, amp_dtype=amp,
-                                               max_batches=max_batches, progress=progress, desc="test features")
-    times.update(extract_train_s=t1 - t0, extract_test_s=time.perf_counter() - t1)
-    feats = (train_feats, train_labels, test_feats, test_labels)
-    save_cached_features(key, feats, cache_dir, metadata={"model": str(info["model"]), "weights": str(info["weights"])})
-    return feats, False
+    return dict(image_size=info["image_size"], batch_size=batch_size, workers=workers, mean=info["mean"],
+                std=info["std"], crop_pct=info["crop_pct"], device=device, amp=amp, max_batches=max_batches,
+                progress=progress, cache_key=key, cache_dir=cache_dir,
+                metadata={"model": str(info["model"]), "weights": str(info["weights"])})
 
-
-# ---------------------------------------------------------------------------------------------------------------------
-# results
-# ---------------------------------------------------------------------------------------------------------------------
 
 def _fmt(x: Optional[float]) -> str:
     return "" if x is None else f"{x:.2f}"
@@ -253,12 +96,10 @@ def _table_row(result: Dict[str, Any]) -> str:
 
 
 def _finish(result: Dict[str, Any], out: Optional[str], table: Optional[str], quiet: bool = False) -> Dict[str, Any]:
-    from ..export import _atomic_write
-
     row = _table_row(result)
     result["table_row"] = row
     if out:
-        _atomic_write(Path(out), (json.dumps(result, indent=2, default=str) + "\n").encode("utf-8"))
+        write_json_atomic(out, result, sort_keys=False)
     if table:
         table_path = Path(table)
         new = not table_path.exists() or table_path.stat().st_size == 0
@@ -270,8 +111,8 @@ def _finish(result: Dict[str, Any], out: Optional[str], table: Optional[str], qu
     return result
 
 
-def _base_result(task: str, info: Dict[str, Any], train: DataSpec, test: DataSpec, feats, device, amp,
-                 image_size: int, cached: bool) -> Dict[str, Any]:
+def _base_result(task: str, info: Dict[str, Any], train: DataSpec, test: DataSpec, pair: FeaturePair, device,
+                 amp) -> Dict[str, Any]:
     import timm
 
     from .. import __version__
@@ -282,22 +123,35 @@ def _base_result(task: str, info: Dict[str, Any], train: DataSpec, test: DataSpe
         "weights": info["weights"],
         "weights_sha256": info["weights_sha256"],
         "cifar_stem": info["cifar_stem"],
-        "image_size": image_size,
-        "num_features": int(feats[0].shape[1]),
-        "train": _as_list(train),
-        "test": _as_list(test),
-        "train_label": _data_label(train),
-        "test_label": _data_label(test),
-        "num_train": int(feats[0].shape[0]),
-        "num_test": int(feats[2].shape[0]),
-        "num_classes": int(max(feats[1].max().item(), feats[3].max().item())) + 1,
-        "features_cached": cached,
+        "image_size": info["image_size"],
+        "num_features": int(pair.bank.shape[1]),
+        "train": data_list(train),
+        "test": data_list(test),
+        "train_label": data_label(train),
+        "test_label": data_label(test),
+        "num_train": int(pair.bank.shape[0]),
+        "num_test": int(pair.query.shape[0]),
+        "num_classes": pair.num_classes,
+        "features_cached": pair.cached,
         "device": str(device),
         "amp": amp,
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "versions": {"smi_timm": __version__, "torch": torch.__version__, "timm": timm.__version__,
                      "python": platform.python_version()},
     }
+
+
+def _prepare(task: str, weights: str, train: DataSpec, test: DataSpec, *, model, cifar_stem, image_size,
+             weights_file, seed, timm_kwargs, device, flip=False, **extraction):
+    """Resolve the backbone and the extraction settings shared by :func:`run_knn` and :func:`run_linear`."""
+    if not train or not test:
+        raise ValueError(f"{task} needs train= and test= data (shard patterns or ImageFolder dirs)")
+    resolved = resolve_backbone(weights, model=model, cifar_stem=cifar_stem, timm_kwargs=timm_kwargs,
+                                weights_file=weights_file, seed=seed)
+    info = resolved.describe(image_size)
+    dev = _default_device(device)
+    return resolved.backbone.eval(), info, dev, _extraction(resolved, info, train, test, flip=flip, device=dev,
+                                                            **extraction)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -312,24 +166,18 @@ def run_knn(weights: str = "random", train: DataSpec = (), test: DataSpec = (), 
             table: Optional[str] = None, progress: bool = True, quiet: bool = False) -> Dict[str, Any]:
     """Weighted kNN (``k``, ``T``; also every ``extra_k``) of ``test`` against the ``train`` bank. Returns the result
     dict (also written to ``out`` as JSON, and as a markdown row to ``table``)."""
-    from .knn import knn_classify_multi
+    from .knn import knn_evaluate
 
-    if not train or not test:
-        raise ValueError("run_knn needs train= and test= data (shard patterns or ImageFolder dirs)")
     t_start = time.perf_counter()
-    backbone, info = load_backbone(weights, model=model, cifar_stem=cifar_stem, image_size=image_size,
-                                   weights_file=weights_file, seed=seed, timm_kwargs=timm_kwargs)
-    dev = _default_device(device)
-    times: Dict[str, float] = {}
-    feats, cached = _features(backbone, info, train, test, batch_size=batch_size, workers=workers, amp=amp,
-                              device=dev, flip=False, progress=progress, cache_dir=cache_dir,
-                              max_batches=max_batches, times=times)
-    t0 = time.perf_counter()
+    backbone, info, dev, kwargs = _prepare(
+        "run_knn", weights, train, test, model=model, cifar_stem=cifar_stem, image_size=image_size,
+        weights_file=weights_file, seed=seed, timm_kwargs=timm_kwargs, device=device, batch_size=batch_size,
+        workers=workers, amp=amp, max_batches=max_batches, progress=progress, cache_dir=cache_dir)
     ks = [int(k), *[int(e) for e in extra_k if int(e) != int(k)]]
-    accs = knn_classify_multi(*feats, ks=ks, T=T, device=dev)
-    times["knn_s"] = time.perf_counter() - t0
-    times["total_s"] = time.perf_counter() - t_start
-    result = _base_result("knn", info, train, test, feats, dev, amp, info["image_size"], cached)
+    res = knn_evaluate(backbone, train, test, ks=ks, T=T, **kwargs)
+    accs = res.accuracy
+    times = dict(res.features.times, knn_s=res.seconds, total_s=time.perf_counter() - t_start)
+    result = _base_result("knn", info, train, test, res.features, dev, amp)
     result.update(k=int(k), T=float(T), top1=accs[int(k)]["top1"], top5=accs[int(k)]["top5"],
                   results={f"k={kk}": accs[kk] for kk in ks}, times=times,
                   eval=f"kNN k={int(k)}, T={T:g}",
@@ -347,22 +195,18 @@ def run_linear(weights: str = "random", train: DataSpec = (), test: DataSpec = (
     """Linear probe (see :mod:`smi_timm.eval.linear`) on frozen features of ``train``, evaluated on ``test``."""
     from .linear import train_linear_probe
 
-    if not train or not test:
-        raise ValueError("run_linear needs train= and test= data (shard patterns or ImageFolder dirs)")
     t_start = time.perf_counter()
-    backbone, info = load_backbone(weights, model=model, cifar_stem=cifar_stem, image_size=image_size,
-                                   weights_file=weights_file, seed=seed, timm_kwargs=timm_kwargs)
-    dev = _default_device(device)
-    times: Dict[str, float] = {}
-    feats, cached = _features(backbone, info, train, test, batch_size=batch_size, workers=workers, amp=amp,
-                              device=dev, flip=flip, progress=progress, cache_dir=cache_dir,
-                              max_batches=max_batches, times=times)
+    backbone, info, dev, kwargs = _prepare(
+        "run_linear", weights, train, test, model=model, cifar_stem=cifar_stem, image_size=image_size,
+        weights_file=weights_file, seed=seed, timm_kwargs=timm_kwargs, device=device, flip=flip,
+        batch_size=batch_size, workers=workers, amp=amp, max_batches=max_batches, progress=progress,
+        cache_dir=cache_dir)
+    pair = extract_pair(backbone, train, test, flip=flip, **kwargs)
     t0 = time.perf_counter()
-    accs = train_linear_probe(*feats, epochs=epochs, lr=lr, weight_decay=wd, batch_size=probe_batch_size, seed=seed,
-                              progress=progress, device=dev)
-    times["probe_s"] = time.perf_counter() - t0
-    times["total_s"] = time.perf_counter() - t_start
-    result = _base_result("linear", info, train, test, feats, dev, amp, info["image_size"], cached)
+    accs = train_linear_probe(*pair.tensors(), epochs=epochs, lr=lr, weight_decay=wd, batch_size=probe_batch_size,
+                              seed=seed, progress=progress, device=dev)
+    times = dict(pair.times, probe_s=time.perf_counter() - t0, total_s=time.perf_counter() - t_start)
+    result = _base_result("linear", info, train, test, pair, dev, amp)
     result.update(top1=accs["top1"], top5=accs["top5"], train_top1=accs["train_top1"], train_loss=accs["train_loss"],
                   epochs=epochs, lr=lr, wd=wd, probe_batch_size=probe_batch_size, flip=flip, times=times,
                   eval=f"linear {epochs} ep" + (", flip" if flip else ""),
@@ -374,10 +218,11 @@ def run_linear(weights: str = "random", train: DataSpec = (), test: DataSpec = (
 # command line
 # ---------------------------------------------------------------------------------------------------------------------
 
-def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--weights", required=True,
+def _add_common(p: argparse.ArgumentParser, several: bool = False) -> None:
+    p.add_argument("--weights", required=True, action="append" if several else "store",
                    help="'random', an export folder, a run dir / checkpoint, a .safetensors file (with --model), or "
-                        "'timm:NAME' (with --weights-file)")
+                        "'timm:NAME' (with --weights-file)" + ("; repeat it to evaluate several backbones" if several
+                                                              else ""))
     p.add_argument("--model", help="timm architecture (needed for --weights random or a bare .safetensors file)")
     p.add_argument("--weights-file", help="local .safetensors file for --weights timm:NAME")
     p.add_argument("--train", action="append", required=True,
@@ -418,6 +263,18 @@ def build_parser() -> argparse.ArgumentParser:
     lin.add_argument("--wd", type=float, default=1e-4, help="weight decay on the linear weights")
     lin.add_argument("--probe-batch-size", type=int, default=256, help="linear-probe mini-batch size")
     lin.add_argument("--flip", action="store_true", help="add the features of flipped training images")
+    tr = sub.add_parser("transfer", help="frozen backbones on a labelled set: kNN (several k) and the linear probe "
+                                         "at several input sizes, one table")
+    _add_common(tr, several=True)
+    tr.add_argument("--image-sizes", nargs="+", default=["native", "64"],
+                    help="input sizes; 'native' = the backbone's own (e.g. its pretraining size) (default: native 64)")
+    tr.add_argument("--k", type=int, nargs="+", default=[20, 5], help="kNN neighbours (default 20 5)")
+    tr.add_argument("--T", type=float, default=0.1, help="kNN temperature (default 0.1)")
+    tr.add_argument("--epochs", type=int, default=100, help="linear-probe epochs (default 100)")
+    tr.add_argument("--lr", type=float, default=0.1, help="linear-probe peak SGD learning rate")
+    tr.add_argument("--wd", type=float, default=1e-4, help="linear-probe weight decay")
+    tr.add_argument("--probe-batch-size", type=int, default=256, help="linear-probe mini-batch size")
+    tr.add_argument("--flip", action="store_true", help="add the features of flipped training images to the probe")
     return parser
 
 
@@ -433,6 +290,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                   batch_size=args.batch_size, workers=args.workers, amp=args.amp, device=args.device, seed=args.seed,
                   timm_kwargs=args.timm_kwargs, cache_dir=args.cache_dir, max_batches=args.max_batches, out=args.out,
                   table=args.table, progress=not args.no_progress)
+    if args.command == "transfer":
+        return _transfer_main(args, common)
     try:
         if args.command == "knn":
             result = run_knn(k=args.k, T=args.T, **common)
@@ -445,6 +304,29 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.out:
         print(f"wrote {args.out}", file=sys.stderr)
     return 0 if result else 1
+
+
+def _transfer_main(args, common: Dict[str, Any]) -> int:
+    from ..models.hub import WeightsHashError
+    from ..models.registry import WeightsMismatchError
+    from .transfer import TRANSFER_HEADER, parse_image_sizes, run_transfer
+
+    out, table, size = common.pop("out"), common.pop("table"), common.pop("image_size")
+    results = []
+    try:
+        sizes = parse_image_sizes(args.image_sizes if size is None else [size])  # --image-size N: one size
+        for weights in common.pop("weights"):
+            results.append(run_transfer(weights, image_sizes=sizes, ks=args.k, T=args.T, epochs=args.epochs, lr=args.lr,
+                                        wd=args.wd, probe_batch_size=args.probe_batch_size, flip=args.flip,
+                                        table=table, quiet=True, **common))
+    except (FileNotFoundError, ValueError, WeightsMismatchError, WeightsHashError) as err:
+        print(f"smi-eval: error: {err}", file=sys.stderr)
+        return 2
+    print(TRANSFER_HEADER + "\n".join(row for r in results for row in r["table_rows"]))
+    if out:
+        write_json_atomic(out, {"task": "transfer", "backbones": results}, sort_keys=False)
+        print(f"wrote {out}", file=sys.stderr)
+    return 0
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,13 +1,38 @@
-"""Frozen-feature extraction for kNN, linear probes and analysis."""
+"""Frozen-feature extraction for kNN, linear probes and analysis, and the feature cache.
+
+* :func:`extract_features` runs a model over any iterable of ``(images, labels)`` batches;
+* :func:`eval_loader` turns a data spec (shard patterns, an ImageFolder dir, ``sample:train`` / ``sample:test``: the
+  loaders understand them all) into the deterministic eval loader, and passes an iterable of batches through;
+* :func:`extract_pair` extracts the features of a bank split and a query split (what kNN and linear probes need),
+  through the cache;
+* the cache: in memory (the last two pairs) and, with a ``cache_dir``, on disk as
+  ``CACHE_DIR/features-<key>.safetensors`` (``train_feats``, ``train_labels``, ``test_feats``, ``test_labels``).
+  ``key`` (:func:`feature_cache_key`) hashes the model weights (file sha256, or the random-init seed), the data specs,
+  the image size and the extraction options, so any change gives a new file.
+"""
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import time
+from collections import OrderedDict
 from contextlib import nullcontext
-from typing import Any, Iterable, Optional, Tuple, Union
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
 
-__all__ = ["extract_features", "resolve_amp_dtype"]
+__all__ = ["extract_features", "resolve_amp_dtype", "DataSpec", "eval_loader", "loader_urls", "data_list",
+           "data_label", "is_data_spec", "FeaturePair", "extract_pair", "feature_cache_key", "load_cached_features",
+           "save_cached_features", "clear_memory_cache"]
+
+#: Shard pattern(s), an ImageFolder dir, ``sample:train`` / ``sample:test``, or a list of those.
+DataSpec = Union[str, os.PathLike, Sequence[Union[str, os.PathLike]]]
+#: ``(bank_feats, bank_labels, query_feats, query_labels)``
+Features = Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 
 
 def resolve_amp_dtype(amp: Union[None, str, torch.dtype]) -> Optional[torch.dtype]:
@@ -107,3 +132,164 @@ def extract_features(model: nn.Module, loader: Iterable, device: Optional[Union[
         raise ValueError(f"{out_feats.shape[0]} feature rows but {out_labels.shape[0]} labels: each batch needs one "
                          f"label per image")
     return out_feats, out_labels
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# data specs and loaders
+# ---------------------------------------------------------------------------------------------------------------------
+
+def is_data_spec(data: Any) -> bool:
+    """A data spec (a string / path or a non-empty list of them), as opposed to an iterable of batches."""
+    if isinstance(data, (str, os.PathLike)):
+        return True
+    return isinstance(data, (list, tuple)) and bool(data) and all(isinstance(d, (str, os.PathLike)) for d in data)
+
+
+def data_list(spec: DataSpec) -> List[str]:
+    """A data spec as a list of strings (not expanded)."""
+    if isinstance(spec, (str, os.PathLike)):
+        return [os.fspath(spec)]
+    return [os.fspath(s) for s in spec]
+
+
+def loader_urls(spec: DataSpec) -> Union[str, List[str]]:
+    """What the loaders take: the single string of a one-item spec (an ImageFolder dir must be a string), else the
+    list. ``sample:train`` / ``sample:test`` (the bundled CIFAR-10 sample) and patterns are expanded by the loaders."""
+    items = data_list(spec)
+    return items[0] if len(items) == 1 else items
+
+
+def data_label(data: Any) -> str:
+    """Short name of a data spec for tables: ``sample:test``, or the last two path parts of the first item."""
+    if not is_data_spec(data):
+        return type(data).__name__
+    items = data_list(data)
+    if len(items) == 1 and items[0].startswith("sample:"):
+        return items[0]
+    label = "/".join(Path(items[0].rstrip("/\\")).parts[-2:])
+    return label + (f" (+{len(items) - 1})" if len(items) > 1 else "")
+
+
+def eval_loader(data: Any, *, batch_size: int, image_size: int, workers: Optional[int] = None,
+                mean: Optional[Sequence[float]] = None, std: Optional[Sequence[float]] = None,
+                crop_pct: Optional[float] = None) -> Iterable:
+    """The deterministic eval loader (:func:`smi_timm.data.make_eval_loader`) of a data spec; any other iterable of
+    ``(images, labels)`` batches is returned as it is. ``mean``/``std``/``crop_pct`` None: the loader's defaults."""
+    if not is_data_spec(data):
+        return data
+    from ..data import make_eval_loader
+
+    norm = {k: tuple(float(x) for x in v) for k, v in (("mean", mean), ("std", std)) if v is not None}
+    return make_eval_loader(loader_urls(data), batch_size=batch_size, image_size=image_size, num_workers=workers,
+                            crop_pct=None if crop_pct is None else float(crop_pct), **norm)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# bank + query features, through the cache
+# ---------------------------------------------------------------------------------------------------------------------
+
+@dataclass
+class FeaturePair:
+    """Features and labels of a bank (training) split and a query (test) split."""
+
+    bank: torch.Tensor
+    bank_labels: torch.Tensor
+    query: torch.Tensor
+    query_labels: torch.Tensor
+    cached: bool = False
+    times: Dict[str, float] = field(default_factory=dict)  #: extract_train_s, extract_test_s
+
+    def tensors(self) -> Features:
+        return self.bank, self.bank_labels, self.query, self.query_labels
+
+    @property
+    def num_classes(self) -> int:
+        return int(max(self.bank_labels.max().item(), self.query_labels.max().item())) + 1
+
+
+def extract_pair(model: nn.Module, bank: Any, query: Any, *, image_size: int, batch_size: int = 256,
+                 workers: Optional[int] = None, mean: Optional[Sequence[float]] = None,
+                 std: Optional[Sequence[float]] = None, crop_pct: Optional[float] = None,
+                 device: Optional[Union[str, torch.device]] = None, amp: Union[None, str, torch.dtype] = None,
+                 flip: bool = False, max_batches: Optional[int] = None, progress: bool = False,
+                 cache_key: Optional[str] = None, cache_dir: Optional[Union[str, os.PathLike]] = None,
+                 metadata: Optional[Dict[str, str]] = None) -> FeaturePair:
+    """Features of ``bank`` and ``query`` (data specs or iterables of batches; see :func:`eval_loader`).
+
+    ``flip`` adds the flipped bank images' features (linear-probe training); ``max_batches`` caps each split. With a
+    ``cache_key`` the pair is looked up in (and saved to) the memory cache and ``cache_dir``.
+    """
+    if cache_key is not None:
+        hit = load_cached_features(cache_key, cache_dir)
+        if hit is not None:
+            return FeaturePair(*hit, cached=True, times={"extract_train_s": 0.0, "extract_test_s": 0.0})
+    opts = dict(batch_size=batch_size, image_size=image_size, workers=workers, mean=mean, std=std, crop_pct=crop_pct)
+    run = dict(device=device, amp_dtype=amp, max_batches=max_batches, progress=progress)
+    t0 = time.perf_counter()
+    bank_feats, bank_labels = extract_features(model, eval_loader(bank, **opts), flip=flip, desc="train features",
+                                               **run)
+    t1 = time.perf_counter()
+    query_feats, query_labels = extract_features(model, eval_loader(query, **opts), desc="test features", **run)
+    pair = FeaturePair(bank_feats, bank_labels, query_feats, query_labels,
+                       times={"extract_train_s": t1 - t0, "extract_test_s": time.perf_counter() - t1})
+    if cache_key is not None:
+        save_cached_features(cache_key, pair.tensors(), cache_dir, metadata=metadata)
+    return pair
+
+
+_MEMORY_CACHE: "OrderedDict[str, Features]" = OrderedDict()
+_MEMORY_CACHE_SIZE = 2
+
+
+def feature_cache_key(**parts: Any) -> str:
+    """Stable hex key of the things that determine extracted features (weights hash, data, image size, options)."""
+    text = json.dumps(parts, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:24]
+
+
+def _cache_path(cache_dir: Union[str, os.PathLike], key: str) -> Path:
+    return Path(cache_dir) / f"features-{key}.safetensors"
+
+
+def load_cached_features(key: str, cache_dir: Optional[Union[str, os.PathLike]] = None) -> Optional[Features]:
+    """``(train_feats, train_labels, test_feats, test_labels)`` from memory or ``cache_dir``; None on a miss."""
+    if key in _MEMORY_CACHE:
+        _MEMORY_CACHE.move_to_end(key)
+        return _MEMORY_CACHE[key]
+    if cache_dir is None or not _cache_path(cache_dir, key).is_file():
+        return None
+    from safetensors.torch import load_file
+
+    d = load_file(str(_cache_path(cache_dir, key)))
+    feats = (d["train_feats"], d["train_labels"], d["test_feats"], d["test_labels"])
+    _remember(key, feats)
+    return feats
+
+
+def save_cached_features(key: str, feats: Features, cache_dir: Optional[Union[str, os.PathLike]] = None,
+                         metadata: Optional[Dict[str, str]] = None) -> Optional[Path]:
+    """Keep ``feats`` in memory and, with ``cache_dir``, write them atomically to ``features-<key>.safetensors``."""
+    _remember(key, feats)
+    if cache_dir is None:
+        return None
+    from safetensors.torch import save
+
+    from ..layout import atomic_write_bytes
+
+    names = ("train_feats", "train_labels", "test_feats", "test_labels")
+    data = save({n: t.contiguous() for n, t in zip(names, feats)}, metadata=dict(metadata or {}))
+    path = _cache_path(cache_dir, key)
+    atomic_write_bytes(path, data)
+    return path
+
+
+def _remember(key: str, feats: Features) -> None:
+    _MEMORY_CACHE[key] = feats
+    _MEMORY_CACHE.move_to_end(key)
+    while len(_MEMORY_CACHE) > _MEMORY_CACHE_SIZE:
+        _MEMORY_CACHE.popitem(last=False)
+
+
+def clear_memory_cache() -> None:
+    """Forget the in-memory feature cache."""
+    _MEMORY_CACHE.clear()

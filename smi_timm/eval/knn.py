@@ -2,15 +2,23 @@
 
 The classifier of Wu et al. (2018, InstDisc), also used by DINO: features are L2-normalised, each test sample takes
 its ``k`` most cosine-similar training samples, and each neighbour votes for its class with weight ``exp(sim / T)``.
+
+:func:`knn_evaluate` is the one "backbone + bank + queries -> kNN accuracy" path: ``smi-eval knn``, the quick start,
+the comparison harness and the training loop's online monitor all call it.
 """
 from __future__ import annotations
 
-from typing import Dict, Iterable, Optional, Union
+import time
+from dataclasses import dataclass
+from typing import Any, Dict, Iterable, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-__all__ = ["knn_classify", "knn_classify_multi"]
+from .features import FeaturePair, extract_pair
+
+__all__ = ["knn_classify", "knn_classify_multi", "knn_evaluate", "KnnResult"]
 
 
 def knn_classify_multi(train_feats: torch.Tensor, train_labels: torch.Tensor, test_feats: torch.Tensor,
@@ -70,3 +78,44 @@ def knn_classify(train_feats: torch.Tensor, train_labels: torch.Tensor, test_fea
     """
     return knn_classify_multi(train_feats, train_labels, test_feats, test_labels, ks=(k,), T=T,
                               num_classes=num_classes, chunk_size=chunk_size, device=device)[int(k)]
+
+
+@dataclass
+class KnnResult:
+    """Accuracies of :func:`knn_evaluate`, with the features they were computed from."""
+
+    accuracy: Dict[int, Dict[str, float]]  #: ``{k: {"top1": %, "top5": %}}``
+    T: float
+    features: FeaturePair
+    seconds: float  #: time of the classification itself (extraction times are in ``features.times``)
+
+    def monitor(self, k: int) -> Dict[str, float]:
+        """``{"knn_top1", "knn_top5"}`` of ``k``: the record the training loop writes to ``metrics.jsonl``."""
+        return {"knn_top1": float(self.accuracy[k]["top1"]), "knn_top5": float(self.accuracy[k]["top5"])}
+
+
+def knn_evaluate(backbone: nn.Module, bank: Any, query: Any, *, ks: Sequence[int] = (200, 20), T: float = 0.1,
+                 image_size: int, batch_size: int = 256, workers: Optional[int] = None,
+                 mean: Optional[Sequence[float]] = None, std: Optional[Sequence[float]] = None,
+                 crop_pct: Optional[float] = None, device: Optional[Union[str, torch.device]] = None,
+                 amp: Union[None, str, torch.dtype] = None, max_batches: Optional[int] = None,
+                 progress: bool = False, cache_key: Optional[str] = None, cache_dir: Optional[str] = None,
+                 metadata: Optional[Dict[str, str]] = None) -> KnnResult:
+    """Weighted kNN accuracy of ``backbone``'s features: ``query`` classified against the ``bank``, for every ``k``.
+
+    Args:
+        backbone: maps images to ``(batch, dim)`` features (a timm backbone with ``num_classes=0``).
+        bank, query: data specs (shard patterns, an ImageFolder dir, ``sample:train`` / ``sample:test``) read with
+            the eval loader at ``image_size`` (``mean``/``std``/``crop_pct``: None = the loader's defaults), or any
+            iterables of ``(images, labels)`` batches.
+        ks, T: neighbour counts (one similarity pass for all) and the vote temperature.
+        device, amp: where and in which autocast dtype features are extracted; the kNN runs on ``device`` too.
+        max_batches: cap on each split (quick checks). cache_key, cache_dir: see
+            :func:`~smi_timm.eval.features.extract_pair` (only for fixed weights: a training monitor passes none).
+    """
+    pair = extract_pair(backbone, bank, query, image_size=image_size, batch_size=batch_size, workers=workers,
+                        mean=mean, std=std, crop_pct=crop_pct, device=device, amp=amp, max_batches=max_batches,
+                        progress=progress, cache_key=cache_key, cache_dir=cache_dir, metadata=metadata)
+    t0 = time.perf_counter()
+    accuracy = knn_classify_multi(*pair.tensors(), ks=ks, T=T, device=device)
+    return KnnResult(accuracy, float(T), pair, time.perf_counter() - t0)

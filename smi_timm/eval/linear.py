@@ -1,34 +1,20 @@
 """Linear probe on frozen features.
 
-Features are extracted once (see :func:`smi_timm.eval.features.extract_features`; with ``flip`` the training set also
-gets the features of its horizontally flipped images), cached in memory and optionally on disk, standardised with the
-training statistics, and a single linear layer (no batch norm) is trained with SGD + momentum and a cosine learning
-rate schedule. Everything after extraction works on ``(N, D)`` tensors, so 100 epochs over 50k x 512 features take
-seconds on a CPU.
-
-Disk cache: ``CACHE_DIR/features-<key>.safetensors`` with ``train_feats``, ``train_labels``, ``test_feats``,
-``test_labels``; ``key`` hashes the model weights (file sha256, or the random-init seed), the data specs, the image
-size and the extraction options (:func:`feature_cache_key`), so any change gives a new file.
+Features are extracted once (see :func:`smi_timm.eval.features.extract_pair`; with ``flip`` the training set also
+gets the features of its horizontally flipped images), cached in memory and optionally on disk (the cache lives with
+the extraction, in :mod:`smi_timm.eval.features`), standardised with the training statistics, and a single linear
+layer (no batch norm) is trained with SGD + momentum and a cosine learning rate schedule. Everything after extraction
+works on ``(N, D)`` tensors, so 100 epochs over 50k x 512 features take seconds on a CPU.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import math
-import os
-from collections import OrderedDict
-from pathlib import Path
-from typing import Any, Dict, Optional, Tuple, Union
+from typing import Dict, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["train_linear_probe", "standardize", "feature_cache_key", "load_cached_features", "save_cached_features",
-           "clear_memory_cache"]
-
-Features = Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
-_MEMORY_CACHE: "OrderedDict[str, Features]" = OrderedDict()
-_MEMORY_CACHE_SIZE = 2
+__all__ = ["train_linear_probe", "standardize"]
 
 
 def standardize(train: torch.Tensor, *others: torch.Tensor, eps: float = 1e-6) -> Tuple[torch.Tensor, ...]:
@@ -114,61 +100,3 @@ def _train(train_feats, train_labels, test_feats, test_labels, num_classes, epoc
         top1, top5 = _acc(x_test, y_test)
         train_top1, _ = _acc(x_train, y_train)
     return {"top1": top1, "top5": top5, "train_top1": train_top1, "train_loss": last_loss}
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# feature cache
-# ---------------------------------------------------------------------------------------------------------------------
-
-def feature_cache_key(**parts: Any) -> str:
-    """Stable hex key of the things that determine extracted features (weights hash, data, image size, options)."""
-    text = json.dumps(parts, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:24]
-
-
-def _cache_path(cache_dir: Union[str, os.PathLike], key: str) -> Path:
-    return Path(cache_dir) / f"features-{key}.safetensors"
-
-
-def load_cached_features(key: str, cache_dir: Optional[Union[str, os.PathLike]] = None) -> Optional[Features]:
-    """``(train_feats, train_labels, test_feats, test_labels)`` from memory or ``cache_dir``; None on a miss."""
-    if key in _MEMORY_CACHE:
-        _MEMORY_CACHE.move_to_end(key)
-        return _MEMORY_CACHE[key]
-    if cache_dir is None or not _cache_path(cache_dir, key).is_file():
-        return None
-    from safetensors.torch import load_file
-
-    d = load_file(str(_cache_path(cache_dir, key)))
-    feats = (d["train_feats"], d["train_labels"], d["test_feats"], d["test_labels"])
-    _remember(key, feats)
-    return feats
-
-
-def save_cached_features(key: str, feats: Features, cache_dir: Optional[Union[str, os.PathLike]] = None,
-                         metadata: Optional[Dict[str, str]] = None) -> Optional[Path]:
-    """Keep ``feats`` in memory and, with ``cache_dir``, write them atomically to ``features-<key>.safetensors``."""
-    _remember(key, feats)
-    if cache_dir is None:
-        return None
-    from safetensors.torch import save
-
-    from ..export import _atomic_write
-
-    names = ("train_feats", "train_labels", "test_feats", "test_labels")
-    data = save({n: t.contiguous() for n, t in zip(names, feats)}, metadata=dict(metadata or {}))
-    path = _cache_path(cache_dir, key)
-    _atomic_write(path, data)
-    return path
-
-
-def _remember(key: str, feats: Features) -> None:
-    _MEMORY_CACHE[key] = feats
-    _MEMORY_CACHE.move_to_end(key)
-    while len(_MEMORY_CACHE) > _MEMORY_CACHE_SIZE:
-        _MEMORY_CACHE.popitem(last=False)
-
-
-def clear_memory_cache() -> None:
-    """Forget the in-memory feature cache."""
-    _MEMORY_CACHE.clear()

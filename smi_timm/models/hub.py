@@ -24,7 +24,8 @@ Every entry has the signature ``(pretrained=True, weights=None, num_classes=0, *
   :class:`~smi_timm.models.registry.WeightsMismatchError` naming the first missing, unexpected and mis-shaped keys.
   A full ``SSLModel`` state dict (``backbone.*``/``projector.*``) is accepted; the projector is ignored.
 
-This module imports only torch, timm, safetensors and :mod:`smi_timm.models.registry`.
+This module imports only torch, timm, safetensors, :mod:`smi_timm.models.registry` and the file names of
+:mod:`smi_timm.layout` (standard library only).
 """
 from __future__ import annotations
 
@@ -39,6 +40,7 @@ import timm
 import torch
 from torch import nn
 
+from ..layout import WEIGHTS_NAME
 from .registry import WeightsMismatchError, WeightsNotPublishedError, published_weights
 
 __all__ = [
@@ -134,10 +136,10 @@ def resolve_weights(weights: Union[str, os.PathLike], sha256: Optional[str] = No
         return _download(text, expected, progress=progress)
     path = Path(text).expanduser()
     if path.is_dir():
-        if not (path / "model.safetensors").is_file():
-            raise FileNotFoundError(f"weights directory {path} has no model.safetensors; pass the weights file "
+        if not (path / WEIGHTS_NAME).is_file():
+            raise FileNotFoundError(f"weights directory {path} has no {WEIGHTS_NAME}; pass the weights file "
                                     f"itself or a directory written by smi-export")
-        path = path / "model.safetensors"
+        path = path / WEIGHTS_NAME
     if not path.is_file():
         raise FileNotFoundError(f"weights file {path} does not exist; pass weights= the path of a .safetensors file "
                                 f"(e.g. OUT_DIR/model.safetensors written by smi-export) or an https:// URL")
