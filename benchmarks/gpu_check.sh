@@ -1,136 +1,193 @@
 #!/usr/bin/env bash
-# GPU checks and measurements, each section under its own time limit. Sections (PARTS, default
-# "tests bench efficiency throughput"):
-#   tests       the CUDA kernel tests (Triton kernels against float64 references, compile, opcheck) + the loss tests
-#   bench       the loss benchmark (fused Triton kernels vs torch eager vs Barlow Twins, forward + backward)
-#   efficiency  loss-only and full training step, SMI vs Barlow Twins vs VICReg, 2048 and 8192 wide, batch 256
-#   throughput  recipes/pretrain_cifar10.py (ResNet-18 CIFAR stem, batch 256, bf16), 300 steps, SMI and Barlow
-#   probe       8 concurrent 200-step runs of the comparison harness's cpu configuration, with 1 and then 2
-#               loader workers each: how long the harness's final phase takes on this machine
-#   final       the harness's final phase (cpu preset: 4 methods x 2 seeds as 8 concurrent processes, settings
-#               chosen by the sweep records in SWEEPS/runs; FINAL_WORKERS overrides the loader workers); runs
-#               alongside the tests when both are asked for (timed sections come after)
+# One GPU check of everything the GPU path promises, in one command that fits a short rental of one H200:
+# at most ~9 minutes of wall time, at most 8 files under OUT_DIR.
 #
-#     bash benchmarks/gpu_check.sh CIFAR10_DIR OUT_DIR
-#     PARTS=final SWEEPS=results/cifar10-cpu bash benchmarks/gpu_check.sh CIFAR10_DIR OUT_DIR
+#     bash benchmarks/gpu_check.sh OUT_DIR            # on the GPU machine
+#     bash benchmarks/gpu_check.sh --smoke OUT_DIR    # anywhere, on the CPU: tiny sizes, seconds per section
 #
-# Time limits (seconds; each section is stopped at its limit and the script goes on): TESTS_LIMIT (900),
-# BENCH_LIMIT (600), EFFICIENCY_LIMIT (300), THROUGHPUT_LIMIT (300 per run), FINAL_LIMIT (3600 per run).
+# Sections, in priority order, each under its own time limit (never past the overall budget), each writing its
+# results the moment it finishes (OUT_DIR/results.tgz is re-packed after every section, so a run cut short still
+# returns everything before the cut):
+#   a  env       environment, install from the working tree (no registry), one-time kernel compile   (45 s)
+#   b  tests     the CUDA tests: kernels, data ops, loop                                             (120 s)
+#   c  loss      benchmarks/bench_loss.py --gpu-check: the fused loss's targets                      (60 s)
+#   d  data      benchmarks/bench_data.py --device cuda on synthetic 224-px JPEG shards written here
+#                by smi-make-shards: decode + augmentation targets                                   (60 s)
+#   e  r50       accelerate launch recipes/pretrain_r50.py, 150 steps at batch 256, bf16, SMI then
+#                Barlow Twins: images/s, data-wait share, peak memory, finite loss                    (120 s)
+#   f  vit       recipes/pretrain_vit_s16.py, 80 steps                                                (45 s)
+#   g  cifar     whatever time is left: ResNet-18 (CIFAR stem) on CIFAR-10, SMI and Barlow Twins side
+#                by side at the comparison harness's gpu preset, then kNN and the linear probe
+# then OUT_DIR/summary.md: one table with every section, its time, its numbers and its targets (pass / fail).
 #
-# CIFAR10_DIR holds train-{000000..000004}.tar.gz and test-000000.tar.gz (docs/data.md). Results land in OUT_DIR:
-# bench_loss_cuda.json, efficiency_cuda.json, throughput.txt, and final.tgz (the harness's runs/*_test.json,
-# table.md, knn_curves.png and the logs of the 8 runs). Training runs and logs go to WORK_DIR (default: a temporary folder); the tail of any
-# failing log is printed.
+# Inputs that travel with the working tree (benchmarks/gpu_check_prepare.sh puts them in .gpu/, which git ignores):
+# .gpu/wheels/*.whl (packages the GPU image lacks, e.g. webdataset, braceexpand) and .gpu/data/cifar10 (CIFAR-10
+# shards for section g). Overrides: GPU_CHECK_BUDGET (seconds, default 530), WORK_DIR (scratch, default a temporary
+# folder), SECTIONS (default "env tests loss data r50 vit cifar"), G_STEPS (section g's steps, default: from the
+# time left).
 set -u
-DATA=${1:?usage: gpu_check.sh CIFAR10_DIR OUT_DIR}
-OUT=${2:?usage: gpu_check.sh CIFAR10_DIR OUT_DIR}
+SMOKE=0
+if [ "${1:-}" = "--smoke" ]; then SMOKE=1; shift; fi
+OUT=${1:?usage: gpu_check.sh [--smoke] OUT_DIR}
+REPO=$(cd "$(dirname "$0")/.." && pwd)
+cd "$REPO" || exit 2
+START=$(date +%s)
+BUDGET=${GPU_CHECK_BUDGET:-530}
 WORK=${WORK_DIR:-$(mktemp -d)}
-SWEEPS=${SWEEPS:-}
-PARTS=" ${PARTS:-tests bench efficiency throughput} "
-want() { [[ "$PARTS" == *" $1 "* ]]; }
-mkdir -p "$OUT" "$WORK"
+RES=$WORK/results
+SECTIONS=" ${SECTIONS:-env tests loss data r50 vit cifar} "
+mkdir -p "$OUT" "$RES"
 OUT=$(cd "$OUT" && pwd)
-export PYTHONUNBUFFERED=1
-SHARDS="$DATA/train-{000000..000004}.tar.gz"
-step() { echo; echo "== $(date -u +%FT%TZ) $*"; }
-show_failure() { echo "-- $1 failed (rc $2); last lines of its log:"; tail -n 25 "$3"; }
+export PYTHONUNBUFFERED=1 TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-$WORK/triton-cache}
+PY=${PYTHON:-python3}
+SYNTH=$WORK/synth/shards/train-*.tar
+CIFAR=${CIFAR_DIR:-$REPO/.gpu/data/cifar10}
+if [ "$SMOKE" = 1 ]; then
+    export TRITON_INTERPRET=1 ACCELERATE_USE_CPU=1
+    BUDGET=${GPU_CHECK_BUDGET:-300}
+fi
+echo -e "section\tstatus\tseconds" > "$RES/sections.tsv"
 
-step environment
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-nproc
-python - <<'EOF'
-import platform, torch, triton, timm
-print(f"python {platform.python_version()}, torch {torch.__version__}, triton {triton.__version__}, "
-      f"timm {timm.__version__}, device {torch.cuda.get_device_name()}, "
-      f"{torch.cuda.get_device_properties(0).multi_processor_count} SMs")
-EOF
-
-final_one() {  # method seed
-    local log="$WORK/final_$1_$2.log" args=(--preset "${PRESET:-cpu}" --phase final --methods "$1" --seeds "$2"
-        --data-dir "$DATA" --sweep-from "$SWEEPS" --out "$WORK/final" --no-progress
-        ${FINAL_WORKERS:+--workers "$FINAL_WORKERS"})
-    OMP_NUM_THREADS=1 timeout "${FINAL_LIMIT:-3600}" python benchmarks/compare_methods.py "${args[@]}" > "$log" 2>&1
-    local rc=$?
-    if [ $rc -ne 0 ] && [ "$1" != barlow ] && [ "$1" != vicreg ] && [ $rc -ne 124 ]; then
-        show_failure "final $1 seed $2 (Triton loss)" $rc "$log"
-        echo "-- retrying final $1 seed $2 with --loss-backend torch"
-        OMP_NUM_THREADS=1 timeout "${FINAL_LIMIT:-3600}" python benchmarks/compare_methods.py "${args[@]}" \
-            --loss-backend torch >> "$log" 2>&1
-        rc=$?
+left() { echo $(( BUDGET - ($(date +%s) - START) )); }
+pack() {  # results so far -> OUT_DIR/results.tgz (atomically)
+    tar czf "$OUT/.results.tgz.tmp" -C "$WORK" results && mv "$OUT/.results.tgz.tmp" "$OUT/results.tgz"
+}
+# section NAME LIMIT COMMAND...: run COMMAND under min(LIMIT, time left), log to results/NAME.log, record the status
+section() {
+    local name=$1 limit=$2 rest status t0
+    shift 2
+    if [[ "$SECTIONS" != *" $name "* ]]; then return 0; fi
+    rest=$(left)
+    [ "$rest" -lt "$limit" ] && limit=$rest
+    if [ "$limit" -le 5 ]; then
+        echo -e "$name\tskipped (no time left)\t0" >> "$RES/sections.tsv"
+        return 0
     fi
-    [ $rc -ne 0 ] && show_failure "final $1 seed $2" $rc "$log"
-    grep "^\[" "$log"
-    return 0
+    echo "== $(date -u +%FT%TZ) section $name (limit ${limit}s)"
+    t0=$(date +%s)
+    # a bash -c child so that shell functions (exported below) run under timeout; the whole process group is
+    # signalled at the limit (SIGKILL 10 s later for anything that ignores SIGTERM)
+    timeout --kill-after=10 "$limit" bash -c '"$@"' _ "$@" > "$RES/$name.log" 2>&1
+    status=$?
+    case $status in
+        0) status=ok ;;
+        124|137) status="timeout after ${limit}s" ;;
+        *) status="failed (rc $status)"; tail -n 30 "$RES/$name.log" ;;
+    esac
+    echo -e "$name\t$status\t$(( $(date +%s) - t0 ))" >> "$RES/sections.tsv"
+    echo "   $status in $(( $(date +%s) - t0 ))s"
+    pack
 }
 
-pids=()
-if want final; then
-    [ -n "$SWEEPS" ] || { echo "PARTS=final needs SWEEPS=<folder with the sweep records>"; exit 2; }
-    step "final phase of the harness (cpu preset, 4 methods x 2 seeds, 8 processes)"
-    for method in smi smi-square barlow vicreg; do
-        for seed in 0 1; do final_one "$method" "$seed" > "$WORK/final_summary_${method}_$seed.txt" & pids+=($!); done
+# ---- a: environment, install, one-time compile ---------------------------------------------------------------
+env_section() {
+    if [ "$SMOKE" = 0 ]; then
+        nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || return 1
+        if ! $PY -c "import smi_timm, webdataset" 2>/dev/null; then
+            if compgen -G ".gpu/wheels/*.whl" > /dev/null; then
+                $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+                    .gpu/wheels/*.whl || return 1
+            fi
+            $PY -m pip install -q --no-index --no-deps --no-build-isolation -e . || return 1
+        fi
+    fi
+    $PY benchmarks/gpu_check_env.py --precompile $([ "$SMOKE" = 1 ] && echo --smoke) --out "$RES/env.json"
+}
+# where section a installs the carried wheels (a folder of its own: the image's packages stay untouched)
+[ "$SMOKE" = 0 ] && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+export SMOKE PY RES WORK SYNTH CIFAR OUT START BUDGET
+export -f left env_section
+section env 45 env_section
+
+# ---- b: the CUDA tests -----------------------------------------------------------------------------------------
+if [ "$SMOKE" = 1 ]; then
+    section tests 120 $PY -m pytest -q -p no:cacheprovider -m cuda tests/test_train_cuda.py
+else
+    section tests 120 $PY -m pytest -q -p no:cacheprovider -rfE -m cuda tests/
+fi
+
+# ---- c: the loss benchmark -----------------------------------------------------------------------------------
+if [ "$SMOKE" = 1 ]; then
+    section loss 60 $PY benchmarks/bench_loss.py --smoke --out "$RES/bench_loss.json"
+else
+    section loss 60 $PY benchmarks/bench_loss.py --gpu-check --out "$RES/bench_loss.json"
+fi
+
+# ---- d: the data benchmark (writes the synthetic shards sections e and f train on) ---------------------------
+if [ "$SMOKE" = 1 ]; then
+    section data 60 $PY benchmarks/bench_data.py --smoke --make-shards "$WORK/synth" --count 64 \
+        --out "$RES/bench_data.json"
+else
+    section data 60 $PY benchmarks/bench_data.py --device cuda --make-shards "$WORK/synth" --count 4096 \
+        --out "$RES/bench_data.json"
+fi
+
+# ---- e, f: the main job and the ViT swap ---------------------------------------------------------------------
+# recipe NAME SCRIPT STEPS LOG_EVERY [extra flags...]: one training run; its metrics and summary go to results/NAME
+recipe() {
+    local name=$1 script=$2 steps=$3 every=$4
+    shift 4
+    local launch=(accelerate launch --num_processes 1 --num_machines 1 --mixed_precision bf16 --dynamo_backend no)
+    [ "$SMOKE" = 1 ] && launch=(accelerate launch --cpu --num_processes 1 --num_machines 1 --mixed_precision no
+                                --dynamo_backend no)
+    "${launch[@]}" "$script" --data "$SYNTH" --max-steps "$steps" --warmup-steps 10 --log-every "$every" \
+        --save-every 0 --no-progress --output-dir "$WORK/$name" "$@"
+    local rc=$?
+    mkdir -p "$RES/$name"
+    cp "$WORK/$name"/{train_summary.json,metrics.jsonl,run_config.json} "$RES/$name/" 2>/dev/null
+    return $rc
+}
+r50_section() {
+    local steps=150 every=25 small=()
+    [ "$SMOKE" = 1 ] && steps=2 every=1 small=(--batch-size 4 --image-size 64 --projector 64-64 --workers 0)
+    recipe r50_smi recipes/pretrain_r50.py $steps $every --loss smi "${small[@]}" || return 1
+    recipe r50_barlow recipes/pretrain_r50.py $steps $every --loss barlow "${small[@]}"
+}
+vit_section() {
+    local steps=80 every=20 small=()
+    [ "$SMOKE" = 1 ] && steps=2 every=1 small=(--batch-size 4 --image-size 32 --projector 64-64 --workers 0
+                                               --model-kwargs img_size=32 patch_size=8 drop_path_rate=0.1)
+    recipe vit_smi recipes/pretrain_vit_s16.py $steps $every "${small[@]}"
+}
+export -f recipe r50_section vit_section
+section r50 120 r50_section
+section vit 45 vit_section
+
+# ---- g: CIFAR-10 at the harness's gpu preset with the time left ------------------------------------------------
+cifar_section() {
+    local preset=gpu steps=${G_STEPS:-} data=$CIFAR
+    if [ "$SMOKE" = 1 ]; then
+        preset=smoke steps=${G_STEPS:-4} data=$SMOKE_DATA
+    fi
+    # steps that fit: two runs share the GPU; keep 60 s for kNN, the linear probe and the report
+    [ -z "$steps" ] && steps=$(( ($(left) - 60) * ${G_STEPS_PER_S:-10} ))
+    [ "$steps" -lt 50 ] && [ "$SMOKE" = 0 ] && { echo "not enough time left for section g"; return 1; }
+    local common=(--preset "$preset" --data-dir "$data" --sweep-from results/cifar10-cpu --out "$WORK/cifar"
+                  --final-steps "$steps" --eval-every 0 --no-progress)
+    local pids=()
+    for method in smi barlow; do
+        $PY benchmarks/compare_methods.py "${common[@]}" --phase final --methods "$method" --seeds 0 \
+            > "$RES/cifar_$method.log" 2>&1 &
+        pids+=($!)
     done
+    local rc=0
+    for pid in "${pids[@]}"; do wait "$pid" || rc=1; done
+    $PY benchmarks/compare_methods.py "${common[@]}" --phase report >> "$RES/cifar_report.log" 2>&1 || rc=1
+    mkdir -p "$RES/cifar"
+    cp "$WORK/cifar/table.md" "$WORK"/cifar/runs/*_test.json "$RES/cifar/" 2>/dev/null
+    return $rc
+}
+SMOKE_DATA=${SMOKE_DATA:-}
+if [ "$SMOKE" = 1 ] && [ -z "$SMOKE_DATA" ]; then
+    SMOKE_DATA=$($PY -c "import os, smi_timm.data as d; print(os.path.dirname(d.sample_shards('train')[0]))")
 fi
-if want tests; then
-    step "1. CUDA kernel tests + loss tests"
-    timeout "${TESTS_LIMIT:-900}" python -m pytest -q -p no:cacheprovider -rfE tests/test_kernels_cuda.py tests/test_losses.py \
-        > "$WORK/tests.log" 2>&1
-    echo "pytest rc=$?"; tail -n 30 "$WORK/tests.log"
-fi
-if want final; then
-    wait "${pids[@]}"
-    step "final phase done"
-    cat "$WORK"/final_summary_*.txt
-    python benchmarks/compare_methods.py --preset "${PRESET:-cpu}" --phase report --sweep-from "$SWEEPS" \
-        --data-dir "$DATA" --out "$WORK/final" --no-progress > "$WORK/report.log" 2>&1 || show_failure report $? "$WORK/report.log"
-    mkdir -p "$WORK/final/logs" && cp "$WORK"/final_*.log "$WORK/final/logs/"
-    (cd "$WORK/final" && tar czf "$OUT/final.tgz" $(ls -d table.md knn_curves.png runs/*_test.json logs 2>/dev/null))
-fi
+export SMOKE_DATA
+export -f cifar_section
+section cifar 600 cifar_section
 
-if want bench; then
-    step "2. loss benchmark"
-    timeout "${BENCH_LIMIT:-600}" python benchmarks/bench_loss.py --no-compile --out "$OUT/bench_loss_cuda.json" \
-        > "$WORK/bench_loss.log" 2>&1 || show_failure bench_loss $? "$WORK/bench_loss.log"
-    grep -v "^\s*$" "$WORK/bench_loss.log" | tail -n 45
-fi
-
-if want efficiency; then
-    step "3. efficiency: SMI vs Barlow Twins vs VICReg (batch 256, bf16 autocast for the model)"
-    timeout "${EFFICIENCY_LIMIT:-300}" python benchmarks/bench_efficiency.py --device cuda --repeats 20 --amp bf16 \
-        --out "$OUT/efficiency_cuda.json" > "$WORK/efficiency.log" 2>&1 \
-        || show_failure efficiency $? "$WORK/efficiency.log"
-    tail -n 12 "$WORK/efficiency.log"
-fi
-
-if want throughput; then
-    step "4. training throughput: recipes/pretrain_cifar10.py (ResNet-18 CIFAR stem, batch 256, bf16), 300 steps"
-    for loss in smi barlow; do
-        timeout "${THROUGHPUT_LIMIT:-300}" python -m accelerate.commands.launch --num_processes 1 --num_machines 1 --mixed_precision bf16 \
-            --dynamo_backend no recipes/pretrain_cifar10.py --data "$SHARDS" --epoch-samples 50000 --loss "$loss" \
-            --max-steps 300 --warmup-steps 50 --workers 12 --log-every 100 --mixed-precision bf16 --no-progress \
-            --no-export --output-dir "$WORK/tp_$loss" > "$WORK/tp_$loss.log" 2>&1
-        rc=$?
-        [ $rc -ne 0 ] && show_failure "throughput $loss" $rc "$WORK/tp_$loss.log"
-        echo "$loss: $(grep images_per_s "$WORK/tp_$loss/metrics.jsonl" 2>/dev/null | tail -n 1)" \
-            | tee -a "$OUT/throughput.txt"
-    done
-fi
-
-if want probe; then
-    for workers in 1 2; do
-        step "probe: 8 concurrent runs of the harness cpu configuration, $workers loader worker(s) each, 200 steps"
-        for i in 0 1 2 3 4 5 6 7; do
-            OMP_NUM_THREADS=1 timeout 45 python -m smi_timm.train.cli --model resnet18 --no-cifar-stem \
-                --image-size 32 --projector 1024-1024 --augment cifar --batch-size 128 --workers "$workers" \
-                --optimizer lars --lr 1.0 --warmup-steps 100 --max-steps 200 --log-every 100 --seed "$i" \
-                --no-progress --no-export --data "$SHARDS" --epoch-samples 50000 \
-                --output-dir "$WORK/probe_${workers}_$i" > "$WORK/probe_${workers}_$i.log" 2>&1 &
-        done
-        wait
-        for i in 0 1 2 3 4 5 6 7; do
-            echo "workers $workers run $i: $(grep images_per_s "$WORK/probe_${workers}_$i/metrics.jsonl" 2>/dev/null \
-                | tail -n 1)" | tee -a "$OUT/throughput.txt"
-        done
-    done
-fi
-step done
+# ---- summary ---------------------------------------------------------------------------------------------------
+$PY benchmarks/gpu_check_summary.py "$RES" $([ "$SMOKE" = 1 ] && echo --smoke) > "$OUT/summary.md"
+cp "$OUT/summary.md" "$RES/summary.md"
+pack
+cat "$OUT/summary.md"
+echo "== done in $(( $(date +%s) - START ))s; results in $OUT (summary.md, results.tgz)"

@@ -26,7 +26,6 @@ DEFAULTS = dict(
     eval_train=["sample:train"],
     eval_test=["sample:test"],
     batch_size=256,
-    workers=4,
     loss="smi",
     optimizer="lars",
     lr=0.3,

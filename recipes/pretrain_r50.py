@@ -5,6 +5,11 @@ GPUs), LARS (lr 0.2 for weights and 0.0048 for biases/norms per 256 images, weig
 10 warmup epochs then cosine, 1000 epochs, projector 8192-8192-8192, BYOL augmentations. Every default is a flag
 (``--help``); ``--model`` swaps in any timm backbone.
 
+On a CUDA device the run defaults to what a GPU wants: bf16 autocast (``--mixed-precision auto``), channels-last
+memory, TF32 convolutions, cuDNN autotuning, images decoded and augmented on the GPU (``--augment-device auto``; the
+loader workers only read shards) with the next batch prepared on a side stream, and the loss kernels compiled once
+per machine before the processes start. The loop reads nothing back from the GPU between log steps.
+
 Single GPU (keep the global batch with gradient accumulation)::
 
     accelerate launch --num_processes 1 --mixed_precision bf16 recipes/pretrain_r50.py \\
@@ -40,8 +45,8 @@ DEFAULTS = dict(
     image_size=224,
     augment="byol",
     batch_size=256,
-    workers=10,
     loss="smi",
+    sync_bn=True,
     optimizer="lars",
     lr=0.2,
     lr_biases=0.0048,

@@ -63,9 +63,9 @@ def test_resume_continues_exactly(tmp_path):
             os.kill(os.getpid(), signal.SIGTERM)  # handled by the loop: checkpoint, then a clean exit
 
     part = train(tiny_config(tmp_path / "part", save_every=100), on_step=interrupt)
-    # the stop request is shared between ranks with the next step's collective: the run stops after step 4
-    assert part.status == "interrupted" and part.step == 4
-    assert [p.name for p in list_checkpoints(part.run_dir)] == ["step_000000004"]
+    # the stop request is shared between ranks by the check that follows the log of step 3 (log_every=1)
+    assert part.status == "interrupted" and part.step == 3
+    assert [p.name for p in list_checkpoints(part.run_dir)] == ["step_000000003"]
     resumed = train(tiny_config(tmp_path / "part", save_every=100, resume="auto"))
     assert resumed.status == "finished" and resumed.step == 6
     a, b = _backbone_state(full.run_dir), _backbone_state(resumed.run_dir)
@@ -74,10 +74,27 @@ def test_resume_continues_exactly(tmp_path):
         torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=1e-4, msg=key)
 
 
-def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
-    cfg = tiny_config(tmp_path / "nan", inject_nan_at_step=3)
-    with pytest.raises(NonFiniteLossError, match="non-finite loss .* at step 3"):
-        train(cfg)
+class NaNAtStep:
+    """The SMI loss, made non-finite from the given optimiser step on (one micro-batch per step)."""
+
+    def __init__(self, step):
+        from smi_timm.losses import SMILoss
+
+        self.step, self.calls, self.loss = step, 0, SMILoss(backend="torch")
+
+    def __call__(self, za, zb):
+        self.calls += 1
+        loss = self.loss(za, zb)
+        return loss * float("nan") if self.calls >= self.step else loss
+
+
+@pytest.mark.parametrize("log_every, check_every, checked_at", [(1, None, 3), (4, 2, 4), (8, None, 4)])
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, log_every, check_every, checked_at):
+    # the flags are read every check_every (<= log_every) steps and before every checkpoint (save_every=2): a
+    # non-finite loss at step 3 stops the run at the next check, before the step-4 checkpoint is written
+    cfg = tiny_config(tmp_path / "nan", log_every=log_every, check_every=check_every)
+    with pytest.raises(NonFiniteLossError, match=f"non-finite loss at step 3 \\(checked at step {checked_at},"):
+        train(cfg, loss_fn=NaNAtStep(3))
     ckpts = list_checkpoints(cfg.output_dir)
     assert [p.name for p in ckpts] == ["step_000000002"]
     state = load_file(str(ckpts[-1] / "model.safetensors"))
@@ -106,14 +123,20 @@ TWO_PROCESS_SCRIPT = textwrap.dedent("""
     cfg = TrainConfig(model="resnet10t", projector="32-32", image_size=32, augment="cifar", data=["sample:train"],
                       epoch_samples=64, batch_size=8, workers=0, loss="smi", gather=True, optimizer="lars", lr=0.2,
                       lr_biases=None, max_steps=3, warmup_steps=1, save_every=2, log_every=1, progress=False,
-                      output_dir=out + "/run", seed=0)
+                      output_dir=out + "/run", seed=0, sync_bn=True)
     res = train(cfg)
     state = PartialState()  # after train(): the Accelerator created there set up the (gloo) process group
-    digest = hashlib.sha256()
-    for name, p in sorted(res.model.named_parameters()):  # BN running stats are per-rank buffers
-        digest.update(name.encode()); digest.update(p.detach().cpu().float().numpy().tobytes())
+
+    def digest(tensors):
+        h = hashlib.sha256()
+        for name, t in sorted(tensors):
+            h.update(name.encode()); h.update(t.detach().cpu().float().numpy().tobytes())
+        return h.hexdigest()
+
+    syncbn = sum(isinstance(m, torch.nn.SyncBatchNorm) for m in res.model.modules())
     with open(f"{out}/rank{state.process_index}.json", "w") as f:
-        json.dump({"step": res.step, "world": state.num_processes, "params": digest.hexdigest()}, f)
+        json.dump({"step": res.step, "world": state.num_processes, "params": digest(res.model.named_parameters()),
+                   "syncbn": syncbn}, f)
     state.wait_for_everyone()
     state.destroy_process_group()
 """)
@@ -141,6 +164,8 @@ def test_two_process_accelerate_launch(tmp_path):
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert all(r["world"] == 2 and r["step"] == 3 for r in ranks)
     assert ranks[0]["params"] == ranks[1]["params"]  # DDP kept the replicas identical
+    # --sync-bn: torch's SyncBatchNorm needs CUDA, so a CPU run keeps per-process BatchNorm (and says so)
+    assert ranks[0]["syncbn"] == 0 and "SyncBatchNorm needs CUDA devices" in proc.stdout
     assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["step_000000002", "step_000000003"]
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3]  # written once, by the main process
@@ -193,3 +218,118 @@ def test_grad_accumulation_and_knn_monitor(tmp_path):
     assert [r["step"] for r in knn_rows] == [1, 2]  # every step, and once at the end
     assert all(10.0 <= r["knn_top1"] <= 100.0 for r in knn_rows)
     assert res.final_knn["knn_top1"] == knn_rows[-1]["knn_top1"]
+
+
+# ops that make the host wait for the device on CUDA (a CPU dispatch mode sees them; `.tolist()` it does not, which
+# tests/test_train_cuda.py covers with torch.cuda.set_sync_debug_mode)
+HOST_SYNC_OPS = {"_local_scalar_dense", "item", "is_nonzero", "nonzero", "equal", "masked_select", "_unique2",
+                 "unique_dim", "unique_consecutive", "repeat_interleave", "bincount"}
+
+
+class CountedLoss:
+    """The SMI loss (torch backend) counting its calls: the clock that attributes each dispatched op to a step."""
+
+    def __init__(self):
+        from smi_timm.losses import SMILoss
+
+        self.calls, self.loss = 0, SMILoss(backend="torch")
+
+    def __call__(self, za, zb):
+        self.calls += 1
+        return self.loss(za, zb)
+
+
+def test_no_host_sync_between_log_steps(tmp_path):
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    loss = CountedLoss()
+    syncs = []
+
+    class SyncCounter(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket.__name__ in HOST_SYNC_OPS:
+                syncs.append((loss.calls, func.overloadpacket.__name__))
+            return func(*args, **(kwargs or {}))
+
+    # log (and check) every 4 steps, no checkpoint or evaluation in between; a loader worker process does the CPU
+    # augmentation (its ops are not this process's)
+    cfg = tiny_config(tmp_path / "sync", max_steps=8, log_every=4, save_every=0, workers=1, epoch_samples=128)
+    with SyncCounter():
+        res = train(cfg, loss_fn=loss)
+    assert res.step == 8 and loss.calls == 8
+    # ops after the loss of step k (its backward, optimiser step, cadence, the next batch) are attributed to k
+    steps_with_syncs = sorted({calls for calls, _ in syncs if 1 <= calls <= 7})
+    assert set(steps_with_syncs) <= {4}, syncs  # only the log/check step may read from the device
+
+
+def test_collapse_monitor():
+    from smi_timm.train.monitor import CollapseMonitor, normalized_std, rankme_tensor
+
+    g = torch.Generator().manual_seed(0)
+    healthy = torch.randn(64, 32, generator=g)
+    point = torch.ones(64, 32) + 1e-4 * torch.randn(64, 32, generator=g)  # everything maps to (almost) one point
+    line = torch.randn(64, 1, generator=g) * torch.randn(1, 32, generator=g)  # one direction
+    assert 0.8 < float(normalized_std(healthy)) < 1.2 and float(normalized_std(point)) < 0.01
+    assert float(rankme_tensor(line)) < 1.01 and float(rankme_tensor(healthy)) > 20
+    mon = CollapseMonitor()
+    for z, collapsed in ((healthy, False), (point, True), (line, True)):
+        mon.keep(z)
+        values = dict(zip(mon.KEYS, mon.stats().tolist()))
+        assert (mon.warning(7, values) is not None) == collapsed, values
+    mon.keep(line)
+    values = dict(zip(mon.KEYS, mon.stats().tolist()))
+    assert "step 7: the embeddings look collapsed (emb_rankme" in mon.warning(7, values)
+
+
+def test_throughput_is_recorded_per_window_and_summarised(tmp_path):
+    res = train(tiny_config(tmp_path / "tp", max_steps=6, log_every=2, save_every=0, export=False))
+    rows = [json.loads(line) for line in res.metrics_path.read_text().splitlines()]
+    assert [r["step"] for r in rows] == [2, 4, 6]
+    for r in rows:
+        assert r["images_per_s"] > 0 and 0.0 <= r["data_wait_frac"] <= 1.0 and r["step_time_ms"] > 0
+        assert "peak_mem_mib" not in r  # CUDA only
+        assert 0.0 < r["emb_std"] < 2.0 and 1.0 <= r["emb_rankme"] <= 16  # batch 16 x 64-d embeddings
+    summary = json.loads((res.run_dir / "train_summary.json").read_text())
+    assert summary["status"] == "finished" and summary["step"] == 6 and summary["windows"] == 2  # first excluded
+    assert res.throughput == {k: v for k, v in summary.items() if k not in ("status", "step", "total_steps")}
+    from smi_timm.train.cli import format_throughput
+
+    assert "two-view images/s" in format_throughput(res.throughput)
+
+
+def test_mixed_precision_resolution(monkeypatch):
+    from smi_timm.train.loop import resolve_mixed_precision
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
+    assert resolve_mixed_precision("auto", cpu) == "no"
+    assert resolve_mixed_precision("fp16", cpu) == "fp16"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert resolve_mixed_precision("auto", cuda) == "bf16"
+    assert resolve_mixed_precision("no", cuda) == "no"
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp16")  # accelerate launch --mixed_precision fp16
+    assert resolve_mixed_precision("auto", cuda) == "fp16"
+    with pytest.raises(ValueError, match="no, fp16, bf16 or auto"):
+        resolve_mixed_precision("fp8", cuda)
+
+
+def test_log_with_checks_trackers(monkeypatch, tmp_path):
+    import accelerate.tracking
+
+    from smi_timm.train.loop import resolve_trackers
+
+    assert resolve_trackers(TrainConfig()) is None
+    with pytest.raises(ValueError, match="not a tracker accelerate supports; choose from .*wandb"):
+        resolve_trackers(TrainConfig(log_with=["neptune"]))
+    monkeypatch.setattr(accelerate.tracking, "get_available_trackers", lambda: [])
+    with pytest.raises(ValueError, match="the 'wandb' package is not installed; pip install wandb"):
+        resolve_trackers(TrainConfig(log_with=["wandb"]))
+    with pytest.raises(ValueError, match="pip install 'smi-timm\\[tensorboard\\]'"):
+        train(tiny_config(tmp_path / "tb", tensorboard=True))  # the alias, checked before anything runs
+
+
+def test_tensorboard_tracker_logs(tmp_path):
+    pytest.importorskip("tensorboard")
+    res = train(tiny_config(tmp_path / "tb", log_with=["TensorBoard"], tensorboard=True, max_steps=2, export=False))
+    events = list((res.run_dir / "smi-timm").rglob("events.out.tfevents.*"))
+    assert events and events[0].stat().st_size > 0

@@ -82,7 +82,8 @@ def test_parser_has_every_field_and_recipe_defaults():
     cfg = config_from_args(args)
     assert cfg.model == "resnet18" and cfg.lr == 0.3 and cfg.data == ["a.tar", "b.tar"] and cfg.gather
     assert cfg.model_kwargs == {"img_size": 32, "drop_path_rate": 0.1} and cfg.progress is False
-    assert "--inject-nan-at-step" not in parser.format_help()
+    assert parser.parse_args([]).channels_last is None  # auto: on for CUDA
+    assert parser.parse_args(["--no-channels-last"]).channels_last is False
     with pytest.raises(ValueError, match="unknown TrainConfig fields"):
         build_parser({"learning_rate": 1.0})
     with pytest.raises(ValueError, match="KEY=VALUE"):

@@ -80,6 +80,12 @@ class SSLModel(nn.Module):
     def num_features(self) -> int:
         return int(self.backbone.num_features)
 
+    @property
+    def embedding_dim(self) -> int:
+        """Width of the embeddings the losses consume (the projector's output, or the features without one)."""
+        dims = parse_projector(self.projector_spec)
+        return dims[-1] if dims else self.num_features
+
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         features = self.backbone(x)
         if features.ndim != 2:

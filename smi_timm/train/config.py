@@ -29,9 +29,22 @@ class TrainConfig:
     cifar_stem: bool = _f(False, "3x3 stride-1 ResNet stem without max-pool, for 32 px images")
     model_kwargs: Dict[str, Any] = _f(None, "extra timm.create_model kwargs as KEY=VALUE (e.g. img_size=32 "
                                             "patch_size=4 drop_path_rate=0.1)", nargs="*", kv=True)
-    channels_last: bool = _f(False, "channels-last memory format (faster convnets on GPUs)")
+    init_from: Optional[str] = _f(None, "start from existing weights (a new run: fresh optimiser and schedule, unlike "
+                                        "--resume): an export folder (its projector too when it was exported with "
+                                        "it), a run directory or checkpoint, a .safetensors backbone file, or "
+                                        "timm:NAME with --weights-file")
+    weights_file: Optional[str] = _f(None, "the local .safetensors file of --init-from timm:NAME (timm's published "
+                                           "weights, downloaded once; nothing is fetched at run time)")
+    init_projector: bool = _f(True, "with --init-from: also load the source's projector when it has one (its widths "
+                                    "must match --projector); otherwise the projector starts fresh")
+    channels_last: Optional[bool] = _f(None, "channels-last memory format (default: on for a CUDA device, where "
+                                             "convnets run faster with it; off on a CPU)")
     compile: bool = _f(False, "torch.compile the model (through accelerate's dynamo backend 'inductor')")
-    sync_bn: bool = _f(False, "convert BatchNorm to SyncBatchNorm (multi-GPU)")
+    tf32: bool = _f(True, "CUDA: TF32 tensor cores for fp32 convolutions and matmuls of the model (Ampere and "
+                          "newer); the SMI loss kernels stay exact unless their own TF32 option is set")
+    sync_bn: bool = _f(False, "multi-process runs: convert every BatchNorm (backbone and projector) to SyncBatchNorm, "
+                              "so that batch statistics span the global batch (Barlow Twins' recipe; the R50 and "
+                              "ViT recipes turn it on)")
     # data
     data: List[str] = _f(None, "training shards: brace pattern, glob, list or 'sample' for the bundled CIFAR-10 "
                                "sample", nargs="+")
@@ -40,7 +53,10 @@ class TrainConfig:
     augment: str = _f("byol", "two-view augmentation preset: byol, barlow or cifar")
     batch_size: int = _f(256, "batch size per process (the global batch is this × processes × grad-accum)")
     grad_accum: int = _f(1, "gradient accumulation steps")
-    workers: int = _f(8, "data loader worker processes per process")
+    workers: Optional[int] = _f(None, "data loader worker processes per process (default: from the CPU cores "
+                                      "available to each process and where augmentation runs)")
+    augment_device: str = _f("auto", "where the two views are decoded and augmented: auto (on the GPU when "
+                                     "training on one, else in the CPU workers), cpu, or device")
     # loss
     loss: str = _f("smi", "smi, barlow or vicreg")
     transform: str = _f("mi", "SMI dependency map: mi (Gaussian MI) or square (ablation)")
@@ -64,15 +80,23 @@ class TrainConfig:
     warmup_steps: Optional[int] = _f(None, "linear warmup length in steps (overrides --warmup-epochs)")
     min_lr_ratio: float = _f(0.001, "final learning rate as a fraction of the peak (cosine schedule)")
     clip_grad: Optional[float] = _f(None, "clip the gradient norm to this value")
-    mixed_precision: Optional[str] = _f(None, "no, fp16 or bf16 (default: the accelerate config)")
+    mixed_precision: str = _f("auto", "no, fp16, bf16 or auto (the accelerate launch setting when it asks for "
+                                      "fp16/bf16, else bf16 on a CUDA device that supports it, else no)")
     seed: int = _f(0, "random seed (model init, data order, augmentations)")
     # bookkeeping
     output_dir: str = _f("runs/smi", "run directory (checkpoints, metrics.jsonl, export/)")
     save_every: int = _f(1000, "checkpoint every N optimiser steps (and at the end)")
     keep_last: int = _f(3, "number of checkpoints to keep")
     resume: Optional[str] = _f(None, "'auto' (latest checkpoint of --output-dir), a checkpoint or a run directory")
-    log_every: int = _f(10, "write metrics.jsonl every N steps")
-    tensorboard: bool = _f(False, "also log to TensorBoard (needs the tensorboard package)")
+    log_every: int = _f(10, "write metrics.jsonl every N steps (the only steps that read the loss on the host)")
+    check_every: Optional[int] = _f(None, "read the non-finite-loss / stop-signal flags on the host every N steps "
+                                          "(default and maximum: --log-every; always before a checkpoint, an "
+                                          "evaluation or the export)")
+    log_with: Optional[List[str]] = _f(None, "experiment trackers, any that accelerate supports (tensorboard, wandb, "
+                                             "mlflow, aim, comet_ml, clearml, dvclive, swanlab, trackio); several "
+                                             "allowed; metrics.jsonl is always written", nargs="+")
+    tensorboard: bool = _f(False, "alias of --log-with tensorboard")
+    tracker_project: str = _f("smi-timm", "project name given to the trackers")
     progress: bool = _f(True, "show a tqdm progress bar on the main process")
     eval_train: Optional[List[str]] = _f(None, "labelled shards for the online kNN monitor's feature bank",
                                          nargs="+")
@@ -81,8 +105,6 @@ class TrainConfig:
     eval_k: int = _f(200, "k of the kNN monitor")
     eval_image_size: Optional[int] = _f(None, "image size for the kNN monitor (default: --image-size)")
     export: bool = _f(True, "export the backbone to RUN_DIR/export at the end")
-    inject_nan_at_step: Optional[int] = _f(None, "testing aid: make the loss non-finite at this step",
-                                           suppress=True)
 
     def loss_kwargs(self) -> Dict[str, Any]:
         if self.loss == "smi":
@@ -139,8 +161,8 @@ def build_parser(defaults: Optional[Dict[str, Any]] = None, description: str = "
     for f in dataclasses.fields(TrainConfig):
         meta = f.metadata
         default = defaults.get(f.name, f.default)
-        help_text = argparse.SUPPRESS if meta.get("suppress") else f"{meta['help']} (default: {default})"
-        if f.type in ("bool", bool):
+        help_text = f"{meta['help']} (default: {default})"
+        if f.type in ("bool", bool, "Optional[bool]"):
             parser.add_argument(_flag(f.name), default=default, action=argparse.BooleanOptionalAction,
                                 help=help_text)
             continue

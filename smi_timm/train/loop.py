@@ -4,6 +4,14 @@ Accelerate owns devices, DDP (one or many GPUs, one or many nodes), mixed precis
 checkpoint state; this module owns the SSL step, the schedule, atomic checkpoints, logging and the end-of-run
 export. Launch it with ``accelerate launch`` (any number of processes) or plain ``python`` (one process).
 
+Reading order: :func:`train` = :func:`_setup` (accelerator, model, loss, loader, optimiser, resume) →
+:func:`_run` (the batch iterator :func:`_batches`, the step :func:`_micro_step`, the cadence :func:`_after_step`:
+log, check, evaluate, checkpoint) → :func:`_finish` (last checkpoint, kNN, export, curve, summary).
+
+No host synchronisation in steady state: the loss is read on the host only at log steps, and the non-finite-loss /
+stop-signal flags (all-reduced so that every rank stops at the same step) only every ``check_every`` steps and before
+any checkpoint, evaluation or export, so that a non-finite loss never reaches a checkpoint.
+
 Data order is a function of ``(seed, epoch, rank)``: a resumed run re-opens the current epoch and skips the
 micro-batches it already consumed, so that an interrupted run continues exactly where it stopped.
 """
@@ -11,21 +19,34 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import signal
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 
+from ..curves import plot_curves, read_metrics
+from ..layout import CURVE_PNG, EXPORT_DIR, METRICS, RUN_CONFIG, TRAIN_SUMMARY, atomic_write_bytes
 from ..losses import create_loss
 from ..models import create_ssl_model
-from .checkpoint import latest_checkpoint, read_trainer_state, resolve_resume, save_checkpoint, write_json_atomic
+from .checkpoint import (
+    check_safe_to_load,
+    latest_checkpoint,
+    read_trainer_state,
+    resolve_resume,
+    save_checkpoint,
+    write_json_atomic,
+)
 from .config import TrainConfig
+from .monitor import CollapseMonitor, LossHealth, ThroughputMeter
 from .optim import build_optimizer, lr_at_step, set_lr
 
-__all__ = ["train", "TrainResult", "NonFiniteLossError"]
+__all__ = ["train", "TrainResult", "NonFiniteLossError", "resolve_mixed_precision", "resolve_trackers"]
+
+StepHook = Callable[[int, Dict[str, Any]], None]
 
 
 class NonFiniteLossError(RuntimeError):
@@ -45,6 +66,7 @@ class TrainResult:
     final_knn: Optional[Dict[str, float]]
     images_per_s: float
     model: Optional[torch.nn.Module] = None  # the trained SSLModel (unwrapped from DDP)
+    throughput: Dict[str, float] = field(default_factory=dict)  # run averages: images/s, data wait, step time, memory
 
 
 class _StopFlag:
@@ -70,29 +92,9 @@ class _StopFlag:
             signal.signal(sig, handler)
 
 
-def _resolve_urls(urls: Optional[List[str]]) -> Optional[List[str]]:
-    if urls is None:
-        return None
-    if list(urls) in (["sample"], ["sample:train"]):
-        from ..data import sample_shards
-        return sample_shards("train")
-    if list(urls) == ["sample:test"]:
-        from ..data import sample_shards
-        return sample_shards("test")
-    return list(urls)
-
-
-def _loader_stats(loader) -> Dict[str, int]:
-    stats = getattr(loader, "stats", None)
-    if callable(stats):
-        stats = stats()
-    return dict(stats or {})
-
-
 class _MetricsWriter:
     def __init__(self, path: Path, enabled: bool):
         self.path = path
-        self.enabled = enabled
         self._fh = open(path, "a", buffering=1) if enabled else None
 
     def write(self, record: Dict[str, Any]) -> None:
@@ -104,285 +106,507 @@ class _MetricsWriter:
             self._fh.close()
 
 
-def _knn_monitor(model, cfg: TrainConfig, device) -> Optional[Dict[str, float]]:
-    """kNN accuracy of the backbone: bank = ``eval_train``, queries = ``eval_test``."""
-    if not (cfg.eval_train and cfg.eval_test):
+@dataclass
+class _Run:
+    """Everything one run carries between the helpers of this module."""
+
+    cfg: TrainConfig
+    accelerator: Any
+    model: torch.nn.Module  # prepared (DDP-wrapped when distributed)
+    unwrapped: torch.nn.Module
+    optimizer: Any
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    loader: Any
+    run_dir: Path
+    run_config: Dict[str, Any]
+    total_steps: int
+    warmup_steps: int
+    micro_per_epoch: int
+    metrics: _MetricsWriter
+    meter: ThroughputMeter
+    health: LossHealth
+    collapse: CollapseMonitor = field(default_factory=CollapseMonitor)
+    step: int = 0
+    micro: int = 0  # micro-batches consumed so far
+    last_ckpt: Optional[Path] = None
+    final_knn: Optional[Dict[str, float]] = None
+    rates: List[float] = field(default_factory=list)
+    bar: Any = None
+
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    @property
+    def epoch(self) -> float:
+        return self.micro / self.micro_per_epoch
+
+    def is_log_step(self, step: int) -> bool:
+        return step % self.cfg.log_every == 0 or step >= self.total_steps
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# setup
+# ------------------------------------------------------------------------------------------------------------------
+def resolve_mixed_precision(value: Optional[str], device: torch.device) -> str:
+    """``--mixed-precision``: an explicit ``no``/``fp16``/``bf16`` wins; ``auto`` takes the ``accelerate launch``
+    setting when it asks for fp16 or bf16, else bf16 on a CUDA device that supports it, else ``no``."""
+    if value not in (None, "auto"):
+        if value not in ("no", "fp16", "bf16"):
+            raise ValueError(f"--mixed-precision must be no, fp16, bf16 or auto, got {value!r}")
+        return value
+    launched = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    if launched in ("fp16", "bf16"):
+        return launched
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return "bf16"
+    return "no"
+
+
+# Package that provides each tracker accelerate supports (for the error message when it is missing).
+TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", "aim": "aim",
+                    "comet_ml": "comet_ml", "clearml": "clearml", "dvclive": "dvclive", "swanlab": "swanlab",
+                    "trackio": "trackio"}
+
+
+def resolve_trackers(cfg: TrainConfig) -> Optional[List[str]]:
+    """The trackers of ``--log-with`` (and the ``--tensorboard`` alias), each checked to be supported by accelerate
+    and installed; a missing package is an error naming what to install (a long run without its logs is worse)."""
+    from accelerate.tracking import LOGGER_TYPE_TO_CLASS, get_available_trackers
+
+    names = [str(n).lower() for n in (cfg.log_with or [])] + (["tensorboard"] if cfg.tensorboard else [])
+    if not names:
         return None
-    from ..data import make_eval_loader
-    from ..eval.features import extract_features
-    from ..eval.knn import knn_classify
-
-    size = cfg.eval_image_size or cfg.image_size
-    workers = min(cfg.workers, 2)
-    bank_loader = make_eval_loader(_resolve_urls(cfg.eval_train), batch_size=256, image_size=size,
-                                   num_workers=workers)
-    test_loader = make_eval_loader(_resolve_urls(cfg.eval_test), batch_size=256, image_size=size,
-                                   num_workers=workers)
-    bank, bank_labels = extract_features(model.backbone, bank_loader, device=device, progress=False)
-    test, test_labels = extract_features(model.backbone, test_loader, device=device, progress=False)
-    res = knn_classify(bank, bank_labels, test, test_labels, k=cfg.eval_k, T=0.1)
-    return {"knn_top1": float(res["top1"]), "knn_top5": float(res["top5"])}
+    available = {str(t) for t in get_available_trackers()}
+    trackers = []
+    for name in dict.fromkeys(names):
+        if name not in LOGGER_TYPE_TO_CLASS:
+            raise ValueError(f"--log-with {name}: not a tracker accelerate supports; choose from "
+                             f"{', '.join(sorted(LOGGER_TYPE_TO_CLASS))}")
+        if name not in available:
+            package = TRACKER_PACKAGES.get(name, name)
+            raise ValueError(f"--log-with {name}: the {package!r} package is not installed; pip install {package} "
+                             f"(for TensorBoard: pip install 'smi-timm[tensorboard]'), or drop --log-with {name}")
+        trackers.append(name)
+    return trackers
 
 
-def _plot_curves(metrics_path: Path, out_png: Path) -> Optional[Path]:
-    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
-    train_rows = [r for r in rows if "loss" in r]
-    eval_rows = [r for r in rows if "knn_top1" in r]
-    if not train_rows:
-        return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    ncols = 3 if eval_rows else 2
-    fig, axes = plt.subplots(1, ncols, figsize=(4.2 * ncols, 3.2))
-    axes[0].plot([r["step"] for r in train_rows], [r["loss"] for r in train_rows])
-    axes[0].set(xlabel="step", ylabel="loss", title="training loss")
-    axes[1].plot([r["step"] for r in train_rows], [r["lr"] for r in train_rows])
-    axes[1].set(xlabel="step", ylabel="lr", title="learning rate")
-    if eval_rows:
-        axes[2].plot([r["step"] for r in eval_rows], [r["knn_top1"] for r in eval_rows], marker="o")
-        axes[2].set(xlabel="step", ylabel="top-1 (%)", title="kNN monitor")
-    for ax in axes:
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    tmp = out_png.with_name(f".{out_png.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(out_png)
-    return out_png
-
-
-def _export(model, run_dir: Path, run_config: Dict[str, Any]) -> Path:
-    from ..export import export_backbone
-
-    out = run_dir / "export"
-    export_backbone(model, out, run_config)
-    return out
-
-
-def train(cfg: TrainConfig, accelerator=None,
-          on_step: Optional[Callable[[int, Dict[str, Any]], None]] = None) -> TrainResult:
-    """Run (or resume) a pretraining run described by ``cfg``; returns where everything was written."""
+def _make_accelerator(cfg: TrainConfig, run_dir: Path):
     from accelerate import Accelerator
+    from accelerate.utils import parse_flag_from_env
+
+    # the device type the Accelerator will pick (creating a PartialState here would fix the process layout early)
+    on_cuda = torch.cuda.is_available() and not parse_flag_from_env("ACCELERATE_USE_CPU")
+    device = torch.device("cuda" if on_cuda else "cpu")
+    return Accelerator(mixed_precision=resolve_mixed_precision(cfg.mixed_precision, device),
+                       gradient_accumulation_steps=cfg.grad_accum, log_with=resolve_trackers(cfg),
+                       project_dir=str(run_dir), dynamo_backend="inductor" if cfg.compile else None)
+
+
+def _configure_device(cfg: TrainConfig, device: torch.device) -> None:
+    if device.type != "cuda":
+        return
+    torch.backends.cudnn.benchmark = True  # fixed input shapes: pick the fastest convolution algorithms once
+    torch.backends.cudnn.allow_tf32 = bool(cfg.tf32)
+    torch.backends.cuda.matmul.allow_tf32 = bool(cfg.tf32)
+
+
+def _embedding_dtype(mixed_precision: str) -> torch.dtype:
+    """The dtype autocast gives activations (and so the embeddings), and the loader's output dtype: halves the
+    bytes of every batch under bf16 / fp16."""
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision, torch.float32)
+
+
+def _build_model(cfg: TrainConfig, accelerator, channels_last: bool) -> Tuple[torch.nn.Module, Optional[Dict]]:
+    """The SSL model (``--init-from`` weights loaded, SyncBatchNorm, memory format) and what was loaded, if any."""
     from accelerate.utils import set_seed
 
-    if cfg.data is None:
-        raise ValueError("no training data: pass --data with WebDataset shards (or 'sample' for the bundled sample)")
-    loss_kwargs = cfg.loss_kwargs()  # validates --loss
-    run_dir = Path(cfg.output_dir)
-    if accelerator is None:
-        log_with = None
-        if cfg.tensorboard:
-            try:
-                import tensorboard  # noqa: F401
-                log_with = "tensorboard"
-            except ImportError:
-                print("warning: --tensorboard given but the tensorboard package is not installed; "
-                      "pip install 'smi-timm[tensorboard]'")
-        accelerator = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum,
-                                  log_with=log_with, project_dir=str(run_dir),
-                                  dynamo_backend="inductor" if cfg.compile else None)
-    is_main = accelerator.is_main_process
-    device = accelerator.device
-
-    # identical initial weights on every rank (DDP also broadcasts them), then rank-specific randomness
-    set_seed(cfg.seed)
+    set_seed(cfg.seed)  # identical initial weights on every rank (DDP also broadcasts them)
     model = create_ssl_model(cfg.model, cfg.projector, cifar_stem=cfg.cifar_stem, **(cfg.model_kwargs or {}))
     if cfg.sync_bn and accelerator.num_processes > 1:
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    if cfg.channels_last:
+        bn_types = (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d)
+        norms = sum(isinstance(m, bn_types) for m in model.modules())
+        if accelerator.device.type == "cuda":  # torch's SyncBatchNorm runs on CUDA devices only
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        if accelerator.is_main_process and norms:
+            print(f"SyncBatchNorm: {norms} BatchNorm layers normalise over the global batch "
+                  f"({accelerator.num_processes} processes); --no-sync-bn keeps per-process statistics"
+                  if accelerator.device.type == "cuda" else
+                  "SyncBatchNorm needs CUDA devices: BatchNorm keeps per-process statistics on this CPU run")
+    init = None
+    if cfg.init_from:
+        init = _init_from(cfg, model)
+        if accelerator.is_main_process:
+            print(f"initialised from {init['source']} ({init['kind']}): loaded {', '.join(init['loaded'])}"
+                  + ("" if "projector" in init["loaded"] else "; the projector starts fresh"))
+    if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    loss_fn = create_loss(cfg.loss, **loss_kwargs)
-    set_seed(cfg.seed, device_specific=True)
+    return model, init
 
+
+def _init_from(cfg: TrainConfig, model) -> Dict[str, Any]:
+    """Load ``--init-from`` into the freshly built model; returns what was loaded (recorded in run_config.json)."""
+    from ..resolve import resolve_backbone
+
+    source = str(cfg.init_from)
+    if source.startswith("timm:") and source[len("timm:"):] != cfg.model:
+        raise ValueError(f"--init-from {source} is a different architecture from --model {cfg.model}; pass "
+                         f"--model {source[len('timm:'):]}")
+    src = resolve_backbone(source, model=cfg.model, cifar_stem=cfg.cifar_stem, timm_kwargs=cfg.model_kwargs,
+                           weights_file=cfg.weights_file)
+    loaded = src.load_into(model, projector=cfg.init_projector)
+    return {"source": src.weights, "kind": src.kind, "sha256": src.weights_sha256, "step": src.step,
+            "loaded": loaded}
+
+
+def _make_loader(cfg: TrainConfig, accelerator, channels_last: bool):
     from ..data import make_ssl_loader
 
-    loader = make_ssl_loader(_resolve_urls(cfg.data), batch_size=cfg.batch_size, image_size=cfg.image_size,
-                             augment=cfg.augment, num_workers=cfg.workers, seed=cfg.seed,
-                             rank=accelerator.process_index, world_size=accelerator.num_processes,
-                             epoch_samples=cfg.epoch_samples)
-    micro_per_epoch = len(loader)
+    return make_ssl_loader(cfg.data, batch_size=cfg.batch_size, image_size=cfg.image_size, augment=cfg.augment,
+                           num_workers=cfg.workers, seed=cfg.seed, rank=accelerator.process_index,
+                           world_size=accelerator.num_processes, epoch_samples=cfg.epoch_samples,
+                           device=accelerator.device, augment_on=cfg.augment_device, channels_last=channels_last,
+                           out_dtype=_embedding_dtype(accelerator.mixed_precision))
+
+
+def _precompile_loss(cfg: TrainConfig, accelerator, loss_fn, dim: int) -> None:
+    """Compile the loss kernels once per machine before the processes contend: the local main process first (it
+    fills Triton's on-disk cache, ``TRITON_CACHE_DIR`` honoured), then the others, which find them there."""
+    precompile = getattr(loss_fn, "precompile", None)
+    if precompile is None:
+        return
+    n = cfg.batch_size * (accelerator.num_processes if cfg.gather else 1)
+    dtype = _embedding_dtype(accelerator.mixed_precision)
+    with accelerator.local_main_process_first():
+        precompile(n, dim, dtype, accelerator.device)
+
+
+def _run_config(cfg: TrainConfig, accelerator, unwrapped, loader, loss_kwargs, schedule,
+                init: Optional[Dict[str, Any]]) -> Dict[str, Any]:
+    total_steps, steps_per_epoch, global_batch = schedule
+    return {
+        "model": cfg.model, "projector": unwrapped.projector_spec, "cifar_stem": cfg.cifar_stem,
+        "timm_kwargs": dict(cfg.model_kwargs or {}), "image_size": cfg.image_size,
+        "mean": list(loader.augment.mean), "std": list(loader.augment.std),
+        "loss": {"name": cfg.loss, **{k: v for k, v in loss_kwargs.items() if k != "backend"}},
+        "recipe": {**cfg.to_dict(), "global_batch": global_batch, "total_steps": total_steps,
+                   "steps_per_epoch": steps_per_epoch, "num_processes": accelerator.num_processes,
+                   "mixed_precision": accelerator.mixed_precision},
+        "init": init,
+    }
+
+
+def _schedule(cfg: TrainConfig, micro_per_epoch: int, num_processes: int) -> Tuple[int, int, int, int]:
+    """(total steps, warm-up steps, steps per epoch, global batch)."""
     steps_per_epoch = micro_per_epoch // cfg.grad_accum
     if steps_per_epoch < 1:
         raise ValueError(
             f"an epoch has {micro_per_epoch} batches per process, fewer than --grad-accum {cfg.grad_accum}: use a "
             f"smaller --batch-size or more data"
         )
-    total_steps = int(cfg.max_steps) if cfg.max_steps else int(math.ceil(cfg.epochs * steps_per_epoch))
-    warmup_steps = cfg.warmup_steps if cfg.warmup_steps is not None else int(cfg.warmup_epochs * steps_per_epoch)
-    warmup_steps = min(warmup_steps, max(0, total_steps - 1))
-    global_batch = cfg.batch_size * accelerator.num_processes * cfg.grad_accum
+    total = int(cfg.max_steps) if cfg.max_steps else int(math.ceil(cfg.epochs * steps_per_epoch))
+    warmup = cfg.warmup_steps if cfg.warmup_steps is not None else int(cfg.warmup_epochs * steps_per_epoch)
+    return total, min(warmup, max(0, total - 1)), steps_per_epoch, cfg.batch_size * num_processes * cfg.grad_accum
+
+
+def _setup(cfg: TrainConfig, accelerator, loss_fn) -> _Run:
+    from accelerate.utils import set_seed
+
+    if cfg.data is None:
+        raise ValueError("no training data: pass --data with WebDataset shards (or 'sample' for the bundled sample)")
+    if cfg.check_every is not None and cfg.check_every < 1:
+        raise ValueError(f"--check-every must be a positive number of steps, got {cfg.check_every}")
+    loss_kwargs = cfg.loss_kwargs()  # validates --loss
+    run_dir = Path(cfg.output_dir)
+    accelerator = accelerator if accelerator is not None else _make_accelerator(cfg, run_dir)
+    device = accelerator.device
+    _configure_device(cfg, device)
+    channels_last = cfg.channels_last if cfg.channels_last is not None else device.type == "cuda"
+    model, init = _build_model(cfg, accelerator, channels_last)
+    loss_fn = loss_fn if loss_fn is not None else create_loss(cfg.loss, **loss_kwargs)
+    set_seed(cfg.seed, device_specific=True)  # rank-specific randomness from here on
+    loader = _make_loader(cfg, accelerator, channels_last)
+    micro_per_epoch = len(loader)
+    total, warmup, steps_per_epoch, global_batch = _schedule(cfg, micro_per_epoch, accelerator.num_processes)
     optimizer = build_optimizer(model, cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay,
                                 global_batch=global_batch, lr_biases=cfg.lr_biases, momentum=cfg.momentum)
     model, optimizer = accelerator.prepare(model, optimizer)
     unwrapped = accelerator.unwrap_model(model)
+    _precompile_loss(cfg, accelerator, loss_fn, unwrapped.embedding_dim)
+    run = _Run(cfg=cfg, accelerator=accelerator, model=model, unwrapped=unwrapped, optimizer=optimizer,
+               loss_fn=loss_fn, loader=loader, run_dir=run_dir,
+               run_config=_run_config(cfg, accelerator, unwrapped, loader, loss_kwargs,
+                                      (total, steps_per_epoch, global_batch), init),
+               total_steps=total, warmup_steps=warmup, micro_per_epoch=micro_per_epoch,
+               metrics=_MetricsWriter(run_dir / METRICS, enabled=False),
+               meter=ThroughputMeter(device, cfg.batch_size * accelerator.num_processes), health=LossHealth(device))
+    _resume(run)
+    _open_run_dir(run)
+    return run
 
-    run_config = {
-        "model": cfg.model, "projector": unwrapped.projector_spec, "cifar_stem": cfg.cifar_stem,
-        "timm_kwargs": dict(cfg.model_kwargs or {}), "image_size": cfg.image_size,
-        "mean": list(loader.augment.mean), "std": list(loader.augment.std),
-        "loss": {"name": cfg.loss, **{k: v for k, v in loss_kwargs.items() if k != "backend"}},
-        "recipe": {**cfg.to_dict(), "global_batch": global_batch, "total_steps": total_steps,
-                   "steps_per_epoch": steps_per_epoch, "num_processes": accelerator.num_processes},
-    }
 
-    step = 0
-    ckpt = resolve_resume(cfg.resume, run_dir)
-    if ckpt is not None:
-        accelerator.load_state(str(ckpt))
-        step = int(read_trainer_state(ckpt)["step"])
-        if is_main:
-            print(f"resumed from {ckpt} at step {step}/{total_steps}")
-    if is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(run_dir / "run_config.json", run_config)
-        if log_with_tracker(accelerator):
-            accelerator.init_trackers("smi", config={k: v for k, v in cfg.to_dict().items()
-                                                     if isinstance(v, (int, float, str, bool))})
-    metrics = _MetricsWriter(run_dir / "metrics.jsonl", enabled=is_main)
-    accelerator.wait_for_everyone()
+def _resume(run: _Run) -> None:
+    ckpt = resolve_resume(run.cfg.resume, run.run_dir)
+    if ckpt is None:
+        return
+    check_safe_to_load(ckpt, run.accelerator.process_index)
+    run.accelerator.load_state(str(ckpt))
+    run.step = int(read_trainer_state(ckpt)["step"])
+    run.micro = run.step * run.cfg.grad_accum
+    if run.is_main:
+        print(f"resumed from {ckpt} at step {run.step}/{run.total_steps}")
 
+
+def _open_run_dir(run: _Run) -> None:
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=total_steps, initial=step, disable=not (is_main and cfg.progress), dynamic_ncols=True,
-               desc=f"{cfg.loss}:{cfg.model}", unit="step")
-    last_ckpt = latest_checkpoint(run_dir)
-    status = "finished"
-    window_images, window_start = 0, time.perf_counter()
-    images_per_s = 0.0
-    final_knn = None
-    micro = step * cfg.grad_accum  # micro-batches consumed so far
-    model.train()
+    if run.is_main:
+        run.run_dir.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(run.run_dir / RUN_CONFIG, run.run_config)
+        if run.step > 0:
+            _truncate_metrics(run.run_dir / METRICS, run.step)
+        if _has_tracker(run.accelerator):
+            run.accelerator.init_trackers(run.cfg.tracker_project, config={k: v for k, v in run.cfg.to_dict().items()
+                                                         if isinstance(v, (int, float, str, bool))})
+    run.metrics = _MetricsWriter(run.run_dir / METRICS, enabled=run.is_main)
+    run.last_ckpt = latest_checkpoint(run.run_dir)
+    run.accelerator.wait_for_everyone()
+    run.bar = tqdm(total=run.total_steps, initial=run.step, disable=not (run.is_main and run.cfg.progress),
+                   dynamic_ncols=True, desc=f"{run.cfg.loss}:{run.cfg.model}", unit="step")
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """A resumed run redoes the steps after its checkpoint: drop their rows (and any line cut short by a crash) so
+    that ``metrics.jsonl`` keeps one row per logged step."""
+    if not path.is_file():
+        return
+    rows, bad = read_metrics(path)
+    kept = [r for r in rows if r["step"] <= step]
+    if bad or len(kept) != len(rows):
+        atomic_write_bytes(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept).encode())
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# the loop
+# ------------------------------------------------------------------------------------------------------------------
+def train(cfg: TrainConfig, accelerator=None, on_step: Optional[StepHook] = None,
+          loss_fn: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = None) -> TrainResult:
+    """Run (or resume) a pretraining run described by ``cfg``; returns where everything was written.
+
+    Args:
+        cfg: the run's configuration (every field is also a command-line flag).
+        accelerator: an ``accelerate.Accelerator`` to use (default: one built from ``cfg``).
+        on_step: called as ``on_step(step, record)`` on the main process at every log step.
+        loss_fn: a loss ``(emb_a, emb_b) -> scalar`` replacing the one ``cfg.loss`` names (e.g. your own, or a
+            wrapped one); ``cfg``'s loss settings are still recorded in ``run_config.json``.
+    """
+    run = _setup(cfg, accelerator, loss_fn)
     try:
         with _StopFlag() as stop:
-            while step < total_steps:
-                epoch, skip = divmod(micro, micro_per_epoch)
-                if hasattr(loader, "set_epoch"):
-                    loader.set_epoch(epoch)
-                micro_at_start = micro
-                for batch_idx, (view_a, view_b) in enumerate(loader):
-                    if batch_idx < skip:
-                        continue
-                    if batch_idx >= micro_per_epoch or step >= total_steps:
-                        break
-                    view_a = view_a.to(device, non_blocking=True)
-                    view_b = view_b.to(device, non_blocking=True)
-                    if cfg.channels_last:
-                        view_a = view_a.contiguous(memory_format=torch.channels_last)
-                        view_b = view_b.contiguous(memory_format=torch.channels_last)
-                    lr_factor = lr_at_step(step, total_steps, warmup_steps, cfg.min_lr_ratio)
-                    rates = set_lr(optimizer, lr_factor)
-                    with accelerator.accumulate(model):
-                        # both views in one forward pass (BatchNorm statistics over the 2N images)
-                        _, emb = model(torch.cat([view_a, view_b], dim=0))
-                        emb_a, emb_b = emb.chunk(2, dim=0)
-                        loss = loss_fn(emb_a, emb_b)
-                        if cfg.inject_nan_at_step is not None and step == cfg.inject_nan_at_step:
-                            loss = loss * float("nan")
-                        # one collective per micro-step: every rank stops together (NaN anywhere, or a signal)
-                        flags = torch.tensor([0.0 if torch.isfinite(loss) else 1.0, float(stop.requested)],
-                                             device=device)
-                        flags = accelerator.reduce(flags, reduction="sum")
-                        if flags[0] > 0:
-                            raise NonFiniteLossError(
-                                f"non-finite loss ({loss.item()}) at step {step} (epoch {epoch}, lr {rates[0]:.4g}); "
-                                f"no checkpoint was written over the last good one "
-                                f"({last_ckpt if last_ckpt else 'none yet'}). Lower --lr, raise --eps, or use "
-                                f"--mixed-precision no; resume with --resume auto."
-                            )
-                        accelerator.backward(loss)
-                        if accelerator.sync_gradients and cfg.clip_grad:
-                            accelerator.clip_grad_norm_(model.parameters(), cfg.clip_grad)
-                        optimizer.step()
-                        optimizer.zero_grad(set_to_none=True)
-                    micro += 1
-                    window_images += view_a.shape[0] * accelerator.num_processes
-                    if not accelerator.sync_gradients:
-                        continue
-                    step += 1
-                    bar.update(1)
-                    loss_value = loss.item()
-                    if step % cfg.log_every == 0 or step == total_steps:
-                        now = time.perf_counter()
-                        images_per_s = window_images / max(now - window_start, 1e-9)
-                        window_images, window_start = 0, now
-                        record = {"step": step, "epoch": round(micro / micro_per_epoch, 4), "loss": loss_value,
-                                  "lr": rates[0], "images_per_s": round(images_per_s, 2),
-                                  **{f"data_{k}": v for k, v in _loader_stats(loader).items() if v}}
-                        metrics.write(record)
-                        if log_with_tracker(accelerator):
-                            accelerator.log({k: v for k, v in record.items() if k != "step"}, step=step)
-                        bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{rates[0]:.3g}",
-                                        img_s=f"{images_per_s:.0f}",
-                                        skipped=sum(v for k, v in _loader_stats(loader).items()
-                                                    if k.startswith("skipped")) or 0)
-                        if on_step is not None:
-                            on_step(step, record)
-                    if cfg.eval_every and step % cfg.eval_every == 0 and step < total_steps:
-                        final_knn = _run_monitor(accelerator, unwrapped, cfg, device, step, metrics)
-                        model.train()
-                    if flags[1] > 0:
-                        last_ckpt = save_checkpoint(accelerator, run_dir, step,
-                                                    {"step": step, "epoch": micro / micro_per_epoch,
-                                                     "reason": "signal"}, cfg.keep_last)
-                        status = "interrupted"
-                        if is_main:
-                            bar.write(f"stop requested: saved {last_ckpt}; resume with --resume auto")
-                        break
-                    if cfg.save_every and step % cfg.save_every == 0 and step < total_steps:
-                        last_ckpt = save_checkpoint(accelerator, run_dir, step,
-                                                    {"step": step, "epoch": micro / micro_per_epoch},
-                                                    cfg.keep_last)
-                if status == "interrupted":
-                    break
-                if step < total_steps and micro % micro_per_epoch:
-                    # the loader ended the epoch early (skipped corrupt samples): start the next epoch
-                    if micro == micro_at_start:
-                        raise RuntimeError(
-                            f"the training loader yielded no batch for epoch {epoch} (data stats: "
-                            f"{_loader_stats(loader)}); check --data and the shards"
-                        )
-                    micro = (epoch + 1) * micro_per_epoch
+            status = _run(run, stop, on_step)
     finally:
-        bar.close()
+        run.bar.close()
+        close = getattr(run.loader, "close", None)
+        if close is not None:
+            close()
+    return _finish(run, status)
+
+
+def _run(run: _Run, stop: _StopFlag, on_step: Optional[StepHook]) -> str:
+    run.model.train()
+    for view_a, view_b in _batches(run):
+        loss = _micro_step(run, view_a, view_b)
+        if not run.accelerator.sync_gradients:
+            continue
+        run.step += 1
+        run.meter.stepped()
+        run.bar.update(1)
+        if _after_step(run, loss, stop, on_step):
+            return "interrupted"
+    return "finished"
+
+
+def _batches(run: _Run) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+    """Micro-batches from the current position to the end of the run, epoch by epoch. A resumed run starts inside
+    its epoch: the loader skips the consumed batches at the shard/sample level, without decoding them.
+
+    The time spent waiting for each batch goes to the throughput meter.
+    """
+    while run.step < run.total_steps:
+        epoch, skip = divmod(run.micro, run.micro_per_epoch)
+        run.loader.set_epoch(epoch, start_batch=skip)
+        start = run.micro
+        batches = iter(run.loader)
+        try:
+            while run.step < run.total_steps and run.micro < (epoch + 1) * run.micro_per_epoch:
+                t0 = time.perf_counter()
+                batch = next(batches, None)
+                run.meter.waited(time.perf_counter() - t0)
+                if batch is None:
+                    break
+                yield batch
+        finally:
+            batches.close()
+        if run.step < run.total_steps and run.micro % run.micro_per_epoch:
+            # the loader ended the epoch early (skipped corrupt samples): start the next epoch
+            if run.micro == start:
+                raise RuntimeError(f"the training loader yielded no batch for epoch {epoch} (data stats: "
+                                   f"{run.loader.stats()}); check --data and the shards")
+            run.micro = (epoch + 1) * run.micro_per_epoch
+
+
+def _micro_step(run: _Run, view_a: torch.Tensor, view_b: torch.Tensor) -> torch.Tensor:
+    """Forward both views in one pass (BatchNorm statistics over the 2N images), the loss, backward, and the
+    optimiser step when the accumulation window closes. Queues device work only."""
+    cfg, acc = run.cfg, run.accelerator
+    run.rates = set_lr(run.optimizer, lr_at_step(run.step, run.total_steps, run.warmup_steps, cfg.min_lr_ratio))
+    with acc.accumulate(run.model):
+        _, emb = run.model(torch.cat([view_a, view_b], dim=0))
+        emb_a, emb_b = emb.chunk(2, dim=0)
+        if run.is_log_step(run.step + 1):
+            run.collapse.keep(emb_a)
+        loss = run.loss_fn(emb_a, emb_b)
+        run.health.observe(loss, run.step + 1)
+        acc.backward(loss)
+        if acc.sync_gradients and cfg.clip_grad:
+            acc.clip_grad_norm_(run.model.parameters(), cfg.clip_grad)
+        run.optimizer.step()
+        run.optimizer.zero_grad(set_to_none=True)
+    run.micro += 1
+    run.meter.micro_step()
+    return loss.detach()
+
+
+def _after_step(run: _Run, loss: torch.Tensor, stop: _StopFlag, on_step: Optional[StepHook]) -> bool:
+    """The cadence after an optimiser step: log, check, evaluate, checkpoint. True when the run must stop."""
+    cfg, step = run.cfg, run.step
+    last = step >= run.total_steps
+    log_now = run.is_log_step(step)
+    check_every = min(cfg.check_every or cfg.log_every, cfg.log_every)
+    eval_now = bool(cfg.eval_every) and step % cfg.eval_every == 0 and not last
+    save_now = bool(cfg.save_every) and step % cfg.save_every == 0 and not last
+    if log_now:
+        _log(run, on_step)
+    if not (log_now or eval_now or save_now or step % check_every == 0):
+        return False
+    if _check(run, stop):
+        run.last_ckpt = _save(run, "signal")
+        if run.is_main:
+            run.bar.write(f"stop requested: saved {run.last_ckpt}; resume with --resume auto")
+        return True
+    if eval_now:
+        run.final_knn = _run_monitor(run)
+        run.model.train()
+    if save_now:
+        run.last_ckpt = _save(run)
+    return False
+
+
+def _check(run: _Run, stop: _StopFlag) -> bool:
+    """All-reduce the flags and read them (one host sync): raise on a non-finite loss on any rank; True when any
+    rank was asked to stop."""
+    flags = run.accelerator.reduce(run.health.flags(stop.requested), reduction="sum")
+    bad, stop_now = LossHealth.read(flags)
+    if bad:
+        first = run.health.first_bad_step()
+        where = f"at step {first}" if first is not None else "on another rank"
+        raise NonFiniteLossError(
+            f"non-finite loss {where} (checked at step {run.step}, lr {run.rates[0]:.4g}); no checkpoint was "
+            f"written after it, the last good one is {run.last_ckpt if run.last_ckpt else 'none yet'}. Lower --lr, "
+            f"raise --eps, or use --mixed-precision no; resume with --resume auto."
+        )
+    return stop_now
+
+
+def _log(run: _Run, on_step: Optional[StepHook]) -> None:
+    values = run.health.window_mean().view(1)
+    collapse = run.collapse.stats()
+    if collapse is not None:
+        values = torch.cat([values, collapse.to(values.dtype)])
+    values = values.tolist()  # the one host sync of a log step
+    loss_value, health = values[0], dict(zip(CollapseMonitor.KEYS, values[1:]))
+    stats = run.loader.stats()
+    record = {"step": run.step, "epoch": round(run.epoch, 4), "loss": loss_value, "lr": run.rates[0],
+              **{k: round(v, 4) for k, v in health.items()}, **run.meter.window(),
+              **{f"data_{k}": v for k, v in stats.items() if v}}
+    run.metrics.write(record)
+    if _has_tracker(run.accelerator):
+        run.accelerator.log({k: v for k, v in record.items() if k != "step"}, step=run.step)
+    postfix = dict(loss=f"{loss_value:.4f}", lr=f"{run.rates[0]:.3g}", img_s=f"{record['images_per_s']:.0f}",
+                   wait=f"{100 * record['data_wait_frac']:.0f}%")
+    if health:
+        postfix["rank"] = f"{health['emb_rankme']:.0f}"
+    skipped = sum(v for k, v in stats.items() if k.startswith("skipped"))
+    if skipped:
+        postfix["skipped"] = skipped
+    run.bar.set_postfix(postfix)
+    warning = run.collapse.warning(run.step, health) if health else None
+    if warning and run.is_main:
+        run.bar.write(warning)
+    if on_step is not None and run.is_main:
+        on_step(run.step, record)
+
+
+def _save(run: _Run, reason: Optional[str] = None) -> Path:
+    state = {"step": run.step, "epoch": run.epoch}
+    if reason:
+        state["reason"] = reason
+    return save_checkpoint(run.accelerator, run.run_dir, run.step, state, run.cfg.keep_last)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# evaluation, export and the end of the run
+# ------------------------------------------------------------------------------------------------------------------
+def _run_monitor(run: _Run) -> Optional[Dict[str, float]]:
+    """Online kNN (bank ``--eval-train``, queries ``--eval-test``) on the main process; the other ranks wait."""
+    from ..eval.knn import knn_evaluate
+
+    result = None
+    if run.is_main:
+        t0 = time.perf_counter()
+        cfg = run.cfg
+        workers = min(cfg.workers, 2) if cfg.workers is not None else None
+        result = knn_evaluate(run.unwrapped.backbone, cfg.eval_train, cfg.eval_test, ks=(cfg.eval_k,),
+                              image_size=cfg.eval_image_size or cfg.image_size, workers=workers,
+                              device=run.device).monitor(cfg.eval_k)
+        run.metrics.write({"step": run.step, **result, "eval_seconds": round(time.perf_counter() - t0, 2)})
+        if _has_tracker(run.accelerator):
+            run.accelerator.log(result, step=run.step)
+    run.accelerator.wait_for_everyone()
+    return result
+
+
+def _finish(run: _Run, status: str) -> TrainResult:
     export_dir = curve = None
     if status == "finished":
-        if last_ckpt is None or read_trainer_state(last_ckpt)["step"] != step:
-            last_ckpt = save_checkpoint(accelerator, run_dir, step,
-                                        {"step": step, "epoch": micro / micro_per_epoch, "reason": "end"},
-                                        cfg.keep_last)
-        if cfg.eval_train and cfg.eval_test:
-            final_knn = _run_monitor(accelerator, unwrapped, cfg, device, step, metrics)
-        if is_main and cfg.export:
-            export_dir = _export(unwrapped, run_dir, run_config)
-    metrics.close()
-    if is_main:
-        curve = _plot_curves(run_dir / "metrics.jsonl", run_dir / "training_curve.png")
-    accelerator.wait_for_everyone()
-    if log_with_tracker(accelerator):
-        for tracker in accelerator.trackers:  # not end_training(): the caller may still use the process group
+        if run.last_ckpt is None or read_trainer_state(run.last_ckpt)["step"] != run.step:
+            run.last_ckpt = _save(run, "end")
+        if run.cfg.eval_train and run.cfg.eval_test:
+            run.final_knn = _run_monitor(run)
+        if run.is_main and run.cfg.export:
+            from ..export import export_backbone
+
+            export_dir = run.run_dir / EXPORT_DIR
+            export_backbone(run.unwrapped, export_dir, run.run_config, step=run.step)
+    run.metrics.close()
+    summary = run.meter.summary()
+    if run.is_main:
+        curve = plot_curves(run.metrics.path, run.run_dir / CURVE_PNG)
+        write_json_atomic(run.run_dir / TRAIN_SUMMARY,
+                          {"status": status, "step": run.step, "total_steps": run.total_steps, **summary})
+    run.accelerator.wait_for_everyone()
+    if _has_tracker(run.accelerator):
+        for tracker in run.accelerator.trackers:  # not end_training(): the caller may still use the process group
             tracker.finish()
-    return TrainResult(run_dir=run_dir, step=step, total_steps=total_steps, status=status, last_checkpoint=last_ckpt,
-                       export_dir=export_dir, metrics_path=run_dir / "metrics.jsonl", curve_png=curve,
-                       final_knn=final_knn, images_per_s=images_per_s, model=unwrapped)
+    return TrainResult(run_dir=run.run_dir, step=run.step, total_steps=run.total_steps, status=status,
+                       last_checkpoint=run.last_ckpt, export_dir=export_dir, metrics_path=run.metrics.path,
+                       curve_png=curve, final_knn=run.final_knn, images_per_s=summary.get("images_per_s", 0.0),
+                       model=run.unwrapped, throughput=summary)
 
 
-def log_with_tracker(accelerator) -> bool:
+def _has_tracker(accelerator) -> bool:
     return bool(getattr(accelerator, "log_with", None))
-
-
-def _run_monitor(accelerator, model, cfg: TrainConfig, device, step: int, metrics: _MetricsWriter):
-    """Online kNN on the main process; the other ranks wait."""
-    result = None
-    if accelerator.is_main_process:
-        t0 = time.perf_counter()
-        result = _knn_monitor(model, cfg, device)
-        if result is not None:
-            record = {"step": step, **result, "eval_seconds": round(time.perf_counter() - t0, 2)}
-            metrics.write(record)
-            if log_with_tracker(accelerator):
-                accelerator.log(result, step=step)
-    accelerator.wait_for_everyone()
-    return result

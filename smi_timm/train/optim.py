@@ -26,6 +26,10 @@ class LARS(torch.optim.Optimizer):
 
     For a parameter group with ``lars_adapt=True``: ``g ← g + wd·w``, then ``g ← g · η·‖w‖/‖g‖`` (when both norms are
     positive), then heavy-ball momentum. Groups with ``lars_adapt=False`` (biases, norm layers) skip the first two.
+
+    Why not ``timm.optim.Lars``: both scale ``g + wd·w``, but timm divides by ``‖g‖ + wd·‖w‖ + ε`` (an upper bound)
+    where Barlow Twins divides by ``‖g + wd·w‖`` itself; the published recipes (and our comparison with them) need
+    Barlow Twins' update exactly.
     """
 
     def __init__(self, params, lr: float, weight_decay: float = 0.0, momentum: float = 0.9, eta: float = 0.001):
@@ -35,29 +39,37 @@ class LARS(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
+        """One update of every parameter with a gradient, as multi-tensor (``torch._foreach_*``) operations: a few
+        kernels per parameter group instead of ~10 per parameter, and no host synchronisation (the trust ratios stay
+        on the device)."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                dp = p.grad
-                if group["lars_adapt"]:
-                    dp = dp.add(p, alpha=group["weight_decay"])
-                    param_norm = torch.norm(p)
-                    update_norm = torch.norm(dp)
-                    one = torch.ones_like(param_norm)
-                    q = torch.where(param_norm > 0.0,
-                                    torch.where(update_norm > 0, group["eta"] * param_norm / update_norm, one), one)
-                    dp = dp.mul(q)
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            grads = [p.grad for p in params]
+            if group["lars_adapt"]:
+                updates = torch._foreach_add(grads, params, alpha=group["weight_decay"])
+                param_norm = torch.stack(torch._foreach_norm(params))
+                update_norm = torch.stack(torch._foreach_norm(updates))
+                one = torch.ones_like(param_norm)
+                trust = torch.where(param_norm > 0.0, torch.where(update_norm > 0.0,
+                                                                  group["eta"] * param_norm / update_norm, one), one)
+                torch._foreach_mul_(updates, list(trust.unbind(0)))
+            else:
+                updates = grads
+            mus = []
+            for p in params:
                 state = self.state[p]
                 if "mu" not in state:
                     state["mu"] = torch.zeros_like(p)
-                mu = state["mu"]
-                mu.mul_(group["momentum"]).add_(dp)
-                p.add_(mu, alpha=-group["lr"])
+                mus.append(state["mu"])
+            torch._foreach_mul_(mus, group["momentum"])
+            torch._foreach_add_(mus, updates)
+            torch._foreach_add_(params, mus, alpha=-group["lr"])
         return loss
 
 
