@@ -8,7 +8,8 @@
 # Sections, in priority order, each under its own time limit (never past the overall budget), each writing its
 # results the moment it finishes (OUT_DIR/results.tgz is re-packed after every section, so a run cut short still
 # returns everything before the cut):
-#   a  env       environment, install from the working tree (no registry), one-time kernel compile   (45 s)
+#   a  env       environment, the project importable from the working tree (no registry), one-time
+#                kernel compile                                                                       (45 s)
 #   b  tests     the CUDA tests: kernels, data ops, loop                                             (120 s)
 #   c  loss      benchmarks/bench_loss.py --gpu-check: the fused loss's targets                      (60 s)
 #   d  data      benchmarks/bench_data.py --device cuda on synthetic 224-px JPEG shards written here
@@ -79,26 +80,26 @@ section() {
     pack
 }
 
-# ---- a: environment, install, one-time compile ---------------------------------------------------------------
+# ---- a: environment, the project importable from the working tree, one-time compile --------------------------
+# The GPU machine reaches no registry: the carried wheels go to a folder of their own (the image's packages stay
+# untouched) and the project is imported from this tree (no pip: a build backend may be missing there), with
+# smi_timm.kernels mapped to kernels/ by a symlink, as the installed package maps it (git ignores the link).
+if [ "$SMOKE" = 0 ]; then
+    if compgen -G ".gpu/wheels/*.whl" > /dev/null && ! $PY -c "import webdataset" 2>/dev/null; then
+        $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$WORK/site" \
+            .gpu/wheels/*.whl && export PYTHONPATH=$WORK/site${PYTHONPATH:+:$PYTHONPATH}
+    fi
+    if ! $PY -c "import smi_timm.kernels" 2>/dev/null; then
+        ln -sfn ../kernels smi_timm/kernels
+        export PYTHONPATH=$REPO${PYTHONPATH:+:$PYTHONPATH}
+    fi
+fi
 env_section() {
     if [ "$SMOKE" = 0 ]; then
         nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || return 1
-        if ! $PY -c "import smi_timm, webdataset" 2>/dev/null; then
-            if compgen -G ".gpu/wheels/*.whl" > /dev/null; then
-                $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-                    .gpu/wheels/*.whl || return 1
-            fi
-            $PY -m pip install -q --no-index --no-deps --no-build-isolation -e . || return 1
-        fi
     fi
     $PY benchmarks/gpu_check_env.py --precompile $([ "$SMOKE" = 1 ] && echo --smoke) --out "$RES/env.json"
 }
-# where section a installs the carried wheels (a folder of its own: the image's packages stay untouched)
-[ "$SMOKE" = 0 ] && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
-export SMOKE PY RES WORK SYNTH CIFAR OUT START BUDGET
-export -f left env_section
-section env 45 env_section
-
 # ---- b: the CUDA tests -----------------------------------------------------------------------------------------
 if [ "$SMOKE" = 1 ]; then
     section tests 120 $PY -m pytest -q -p no:cacheprovider -m cuda tests/test_train_cuda.py

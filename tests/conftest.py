@@ -5,6 +5,7 @@ before any Triton kernel module is imported, so it is set here, at collection ti
 """
 import os
 
+import pytest
 import torch
 
 if not torch.cuda.is_available():
@@ -12,3 +13,12 @@ if not torch.cuda.is_available():
 
 # Keep the suite predictable on small CI machines.
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture
+def one_thread():
+    """Small-tensor ops (augmentation): intra-op threads only add overhead, and the loaders run single-threaded too."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -84,3 +84,18 @@ def make_pair(n, d, dtype=torch.float32, device="cpu", seed=0, noise=1.0):
         noise = noise * 1e-3
     zb = za + noise * torch.randn(n, d, generator=g, device=device, dtype=torch.float64)
     return za.to(dtype), zb.to(dtype)
+
+
+def tf32_variants(za, zb, looser="high"):
+    """``triton_with_grads`` three ways: at torch's "highest" fp32 matmul precision, at a ``looser`` one (which must
+    change nothing: fp32 is exact by default) and with ``allow_tf32=True`` (the explicit opt-in)."""
+    old = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("highest")
+        exact = triton_with_grads(za, zb)
+        torch.set_float32_matmul_precision(looser)
+        same = triton_with_grads(za, zb)
+        tf32 = triton_with_grads(za, zb, allow_tf32=True)
+    finally:
+        torch.set_float32_matmul_precision(old)
+    return exact, same, tf32

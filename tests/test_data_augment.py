@@ -23,14 +23,7 @@ from smi_timm.data.augment import (
 )
 from smi_timm.data.pipeline import CPUTwoView, DeviceTwoView, FinishUint8, crop_resize_rows, plan_rows
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small-tensor ops: intra-op threads only add overhead (the loaders run augmentation single-threaded too)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture()

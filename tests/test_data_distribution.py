@@ -25,12 +25,7 @@ from smi_timm.data.stats import DataStats
 KS_C = 1.95  # c(alpha) of the two-sample KS test at alpha = 0.001
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def ks_two_sample(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -38,6 +38,7 @@ from references import (  # noqa: E402
     make_pair,
     reference_loss,
     reference_with_grads,
+    tf32_variants,
     triton_with_grads,
 )
 
@@ -294,15 +295,7 @@ def test_only_one_input_requires_grad(which):
 def test_tf32_is_opt_in():
     # fp32 inputs are exact whatever torch's matmul precision says; TF32 only with allow_tf32=True
     za, zb = pair(40, 64, seed=16, noise=0.5)
-    old = torch.get_float32_matmul_precision()
-    try:
-        torch.set_float32_matmul_precision("highest")
-        exact = triton_with_grads(za, zb)
-        torch.set_float32_matmul_precision("medium")
-        same = triton_with_grads(za, zb)
-        tf32 = triton_with_grads(za, zb, allow_tf32=True)
-    finally:
-        torch.set_float32_matmul_precision(old)
+    exact, same, tf32 = tf32_variants(za, zb, looser="medium")
     for x, y in zip(exact, same):
         assert torch.equal(x, y)
     torch.testing.assert_close(tf32[0], exact[0], atol=1e-3, rtol=1e-2)

@@ -19,7 +19,15 @@ triton = pytest.importorskip("triton")
 from smi_timm import kernels  # noqa: E402
 from smi_timm.kernels import precompile, smi_dense_peak_bytes, smi_loss_triton, smi_streaming_peak_bytes  # noqa: E402
 
-from references import TOL, assert_grad_close, check, make_pair, reference_with_grads, triton_with_grads  # noqa: E402
+from references import (  # noqa: E402
+    TOL,
+    assert_grad_close,
+    check,
+    make_pair,
+    reference_with_grads,
+    tf32_variants,
+    triton_with_grads,
+)
 
 DEVICE = "cuda"
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -215,15 +223,7 @@ def test_precompile_compiles_everything_a_call_launches():
 
 def test_tf32_is_opt_in():
     za, zb = pair(300, 512, torch.float32, seed=7)
-    old = torch.get_float32_matmul_precision()
-    try:
-        torch.set_float32_matmul_precision("highest")
-        exact = triton_with_grads(za, zb)
-        torch.set_float32_matmul_precision("high")
-        same = triton_with_grads(za, zb)
-        tf32 = triton_with_grads(za, zb, allow_tf32=True)
-    finally:
-        torch.set_float32_matmul_precision(old)
+    exact, same, tf32 = tf32_variants(za, zb, looser="high")
     for x, y in zip(exact, same):
         assert torch.equal(x, y)
     check(za, zb, torch.float32)
