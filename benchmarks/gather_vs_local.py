@@ -52,7 +52,7 @@ def main(argv=None) -> int:
     preset = harness.PRESETS["cpu"]
     steps = args.steps or preset["sweep_steps"]
     val = harness.load_records(Path(args.sweep_from), "val")
-    lr, extra = harness.smi_choice(val, preset["sweep_steps"])
+    lr, extra = harness.smi_choice(val, preset["sweep_steps"], "knn")  # by validation kNN, as the library defaults
     splits = harness.data_splits(argparse.Namespace(data_dir=args.data_dir), preset)
     t = preset["train"]
     nproc, per_rank = 2, t["batch_size"] // 2

@@ -18,12 +18,13 @@
 #                Barlow Twins: images/s, data-wait share, peak memory, finite loss                    (120 s)
 #   f  vit       recipes/pretrain_vit_s16.py, 80 steps                                                (45 s)
 #   g  cifar     whatever time is left: ResNet-18 (CIFAR stem) on CIFAR-10, SMI and Barlow Twins side
-#                by side at the comparison harness's gpu preset, then kNN and the linear probe
+#                by side at the comparison harness's gpu preset, then kNN, the linear probe, the flowers12
+#                transfer and the spatial concentration of both backbones
 # then OUT_DIR/summary.md: one table with every section, its time, its numbers and its targets (pass / fail).
 #
 # Inputs that travel with the working tree (benchmarks/gpu_check_prepare.sh puts them in .gpu/, which git ignores):
-# .gpu/wheels/*.whl (packages the GPU image lacks, e.g. webdataset, braceexpand) and .gpu/data/cifar10 (CIFAR-10
-# shards for section g). Overrides: GPU_CHECK_BUDGET (seconds, default 530), WORK_DIR (scratch, default a temporary
+# .gpu/wheels/*.whl (packages the GPU image lacks, e.g. webdataset, braceexpand), .gpu/data/cifar10 and
+# .gpu/data/flowers12 (section g: CIFAR-10 shards, the transfer set). Overrides: GPU_CHECK_BUDGET (seconds, default 530), WORK_DIR (scratch, default a temporary
 # folder), SECTIONS (default "env tests loss data r50 vit cifar"), G_STEPS (section g's steps, default: from the
 # time left).
 set -u
@@ -43,6 +44,8 @@ export PYTHONUNBUFFERED=1 TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-$WORK/triton-cach
 PY=${PYTHON:-python3}
 SYNTH=$WORK/synth/shards/train-*.tar
 CIFAR=${CIFAR_DIR:-$REPO/.gpu/data/cifar10}
+FLOWERS=${FLOWERS_DIR:-$REPO/.gpu/data/flowers12}
+[ -d "$FLOWERS" ] || FLOWERS=$REPO/../shared/data/flowers12
 if [ "$SMOKE" = 1 ]; then
     export TRITON_INTERPRET=1 ACCELERATE_USE_CPU=1
     BUDGET=${GPU_CHECK_BUDGET:-300}
@@ -100,6 +103,9 @@ env_section() {
     fi
     $PY benchmarks/gpu_check_env.py --precompile $([ "$SMOKE" = 1 ] && echo --smoke) --out "$RES/env.json"
 }
+export SMOKE PY RES WORK SYNTH CIFAR OUT START BUDGET
+export -f left env_section
+section env 45 env_section
 # ---- b: the CUDA tests -----------------------------------------------------------------------------------------
 if [ "$SMOKE" = 1 ]; then
     section tests 120 $PY -m pytest -q -p no:cacheprovider -m cuda tests/test_train_cuda.py
@@ -140,13 +146,15 @@ recipe() {
 }
 r50_section() {
     local steps=150 every=25 small=()
-    [ "$SMOKE" = 1 ] && steps=2 every=1 small=(--batch-size 4 --image-size 64 --projector 64-64 --workers 0)
+    [ "$SMOKE" = 1 ] && steps=2 every=1 small=(--model resnet10t --batch-size 4 --image-size 64 --projector 64-64
+                                               --workers 0)
     recipe r50_smi recipes/pretrain_r50.py $steps $every --loss smi "${small[@]}" || return 1
     recipe r50_barlow recipes/pretrain_r50.py $steps $every --loss barlow "${small[@]}"
 }
 vit_section() {
     local steps=80 every=20 small=()
-    [ "$SMOKE" = 1 ] && steps=2 every=1 small=(--batch-size 4 --image-size 32 --projector 64-64 --workers 0
+    [ "$SMOKE" = 1 ] && steps=2 every=1 small=(--model vit_tiny_patch16_224 --batch-size 4 --image-size 32
+                                               --projector 64-64 --workers 0
                                                --model-kwargs img_size=32 patch_size=8 drop_path_rate=0.1)
     recipe vit_smi recipes/pretrain_vit_s16.py $steps $every "${small[@]}"
 }
@@ -155,34 +163,37 @@ section r50 120 r50_section
 section vit 45 vit_section
 
 # ---- g: CIFAR-10 at the harness's gpu preset with the time left ------------------------------------------------
+# SMI and Barlow Twins side by side (two processes on the one GPU), seed 0, settings chosen by the CPU sweep's
+# validation kNN (the linear-probe choice, neg_weight 1, collapses with longer training: docs/RESULTS.md); then the
+# test-split kNN and linear probe, the flowers12 transfer and the spatial concentration of both exports, the report.
 cifar_section() {
-    local preset=gpu steps=${G_STEPS:-} data=$CIFAR
+    local preset=gpu steps=${G_STEPS:-} data=$CIFAR sel=(--sweep-from results/cifar10-cpu --select knn)
     if [ "$SMOKE" = 1 ]; then
-        preset=smoke steps=${G_STEPS:-4} data=$SMOKE_DATA
+        preset=smoke steps=${G_STEPS:-3} data=$SMOKE_DATA sel=(--fixed-settings)
     fi
-    # steps that fit: two runs share the GPU; keep 60 s for kNN, the linear probe and the report
-    [ -z "$steps" ] && steps=$(( ($(left) - 60) * ${G_STEPS_PER_S:-10} ))
-    [ "$steps" -lt 50 ] && [ "$SMOKE" = 0 ] && { echo "not enough time left for section g"; return 1; }
-    local common=(--preset "$preset" --data-dir "$data" --sweep-from results/cifar10-cpu --out "$WORK/cifar"
-                  --final-steps "$steps" --eval-every 0 --no-progress)
-    local pids=()
+    # steps that fit: two runs share the GPU; keep 120 s for the evaluations, transfer, spatial maps and report
+    [ -z "$steps" ] && steps=$(( ($(left) - 120) * ${G_STEPS_PER_S:-10} ))
+    [ "$steps" -lt 100 ] && [ "$SMOKE" = 0 ] && { echo "not enough time left for section g"; return 1; }
+    local common=(--preset "$preset" --data-dir "$data" --transfer-dir "$FLOWERS" --out "$WORK/cifar" --no-progress)
+    local pids=() rc=0
     for method in smi barlow; do
-        $PY benchmarks/compare_methods.py "${common[@]}" --phase final --methods "$method" --seeds 0 \
-            > "$RES/cifar_$method.log" 2>&1 &
+        $PY benchmarks/compare_methods.py "${common[@]}" "${sel[@]}" --phase final --methods "$method" --seeds 0 \
+            --final-steps "$steps" --eval-every 0 > "$RES/cifar_$method.log" 2>&1 &
         pids+=($!)
     done
-    local rc=0
     for pid in "${pids[@]}"; do wait "$pid" || rc=1; done
-    $PY benchmarks/compare_methods.py "${common[@]}" --phase report >> "$RES/cifar_report.log" 2>&1 || rc=1
+    $PY benchmarks/compare_methods.py "${common[@]}" --phase transfer spatial > "$RES/cifar_transfer.log" 2>&1 || rc=1
+    $PY benchmarks/compare_methods.py "${common[@]}" --phase report > "$RES/cifar_report.log" 2>&1 || rc=1
     mkdir -p "$RES/cifar"
-    cp "$WORK/cifar/table.md" "$WORK"/cifar/runs/*_test.json "$RES/cifar/" 2>/dev/null
+    cp -r "$WORK"/cifar/table.md "$WORK"/cifar/spatial "$WORK"/cifar/runs/*_test.json "$WORK"/cifar/runs/*_transfer.json \
+        "$RES/cifar/" 2>/dev/null
     return $rc
 }
 SMOKE_DATA=${SMOKE_DATA:-}
 if [ "$SMOKE" = 1 ] && [ -z "$SMOKE_DATA" ]; then
     SMOKE_DATA=$($PY -c "import os, smi_timm.data as d; print(os.path.dirname(d.sample_shards('train')[0]))")
 fi
-export SMOKE_DATA
+export SMOKE_DATA FLOWERS
 export -f cifar_section
 section cifar 600 cifar_section
 

@@ -1,7 +1,9 @@
-"""The comparison harness's selection and report logic on synthetic run records (the runs themselves are long)."""
+"""The comparison harness's selection, process split and report logic on synthetic run records (the runs themselves
+are long), and its transfer phase with the evaluation stubbed."""
 import argparse
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,9 +13,14 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def harness():
-    spec = importlib.util.spec_from_file_location("compare_methods", REPO / "benchmarks" / "compare_methods.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    # run as a script, compare_methods.py finds benchmarks/_common.py next to it; here the folder is added by hand
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        spec = importlib.util.spec_from_file_location("compare_methods", REPO / "benchmarks" / "compare_methods.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
     return module
 
 
@@ -22,75 +29,222 @@ def _write(out, name, record):
     (out / "runs" / f"{name}.json").write_text(json.dumps(record))
 
 
-def test_selection_uses_validation_records_only(harness, tmp_path):
-    base = dict(steps=300, seed=0, eval="val")
-    for lr, acc in ((0.1, 30.0), (0.3, 41.0), (1.0, 35.0)):
-        _write(tmp_path, f"smi_{lr}_val", dict(base, method="smi", lr=lr, extra={}, val_knn_top1=acc))
-    for lr, acc in ((0.1, 44.0), (0.3, 40.0), (1.0, 20.0)):
-        _write(tmp_path, f"barlow_{lr}_val", dict(base, method="barlow", lr=lr, extra={}, val_knn_top1=acc))
-    for nw, eps, acc in ((1.0, 0.01, 40.0), (16.0, 0.1, 47.5), (64.0, 0.001, 45.0)):
-        _write(tmp_path, f"smi_sweep_{nw}_{eps}_val",
-               dict(base, method="smi", lr=0.3, extra={"neg_weight": nw, "eps": eps}, val_knn_top1=acc))
-    # a test-split record with a higher score must not influence any choice
-    _write(tmp_path, "smi_test", dict(base, eval="test", method="smi", lr=1.0, extra={}, val_knn_top1=99.0))
-    val = harness._load(tmp_path, "val")
+def _val(method, lr, knn, linear=None, extra=None, steps=300):
+    rec = dict(method=method, lr=lr, seed=0, steps=steps, eval="val", extra=extra or {}, val_knn_top1=knn)
+    if linear is not None:
+        rec["val_linear_top1"] = linear
+    return rec
+
+
+def _ns(out, **kw):
+    return argparse.Namespace(**dict(dict(out=str(out), sweep_from=None, methods=["smi", "barlow"], shard=None,
+                                          select="linear", fixed_settings=False), **kw))
+
+
+def test_selection_by_each_criterion_on_validation_records_only(harness, tmp_path):
+    # kNN prefers smi lr 0.3 and barlow 0.1; the linear probe prefers smi lr 1.0 and barlow 0.3
+    for lr, knn, lin in ((0.1, 30.0, 40.0), (0.3, 41.0, 42.0), (1.0, 35.0, 45.0)):
+        _write(tmp_path, f"smi_{lr}_val", _val("smi", lr, knn, lin))
+    for lr, knn, lin in ((0.1, 44.0, 50.0), (0.3, 40.0, 52.0), (1.0, 20.0, 30.0)):
+        _write(tmp_path, f"barlow_{lr}_val", _val("barlow", lr, knn, lin))
+    for nw, eps, knn, lin in ((1.0, 0.01, 40.0, 47.0), (16.0, 0.1, 47.5, 44.0), (64.0, 0.001, 45.0, 48.0)):
+        _write(tmp_path, f"smi_sweep_{nw}_{eps}_val", _val("smi", 0.3, knn, lin, {"neg_weight": nw, "eps": eps}))
+    # a test-split record with higher scores must not influence any choice
+    _write(tmp_path, "smi_test", dict(_val("smi", 3.0, 99.0, 99.0), eval="test"))
+    val = harness.load_records(tmp_path, "val")
     assert len(val) == 9
-    assert harness._best_lr(val, "smi", 300) == 0.3       # sweep records (extra != {}) are not lr candidates
-    assert harness._best_lr(val, "barlow", 300) == 0.1
-    assert harness._best_smi(val, 0.3, 300) == {"neg_weight": 16.0, "eps": 0.1}
+    assert harness.best_lr(val, "smi", 300, "knn") == 0.3       # sweep records (extra != {}) are not lr candidates
+    assert harness.best_lr(val, "smi", 300) == 1.0              # default criterion: the linear probe
+    assert harness.best_lr(val, "barlow", 300, "knn") == 0.1
+    assert harness.best_lr(val, "barlow", 300, "linear") == 0.3
+    assert harness.best_smi(val, 0.3, 300, "knn") == {"neg_weight": 16.0, "eps": 0.1}
+    assert harness.best_smi(val, 0.3, 300, "linear") == {"neg_weight": 64.0, "eps": 0.001}
+    assert harness.final_settings(val, 300, ["smi", "barlow"], "knn") == {
+        "smi": (0.3, {"neg_weight": 16.0, "eps": 0.1}), "barlow": (0.1, {})}
     with pytest.raises(SystemExit, match="no learning-rate sweep results for vicreg"):
-        harness._best_lr(val, "vicreg", 300)
+        harness.best_lr(val, "vicreg", 300)
 
 
-def test_report_aggregates_seeds(harness, tmp_path):
+def test_records_without_the_linear_probe_are_refused_by_that_criterion(harness, tmp_path):
+    for lr, knn in ((0.1, 30.0), (0.3, 41.0)):
+        _write(tmp_path, f"smi_{lr}_val", _val("smi", lr, knn))  # written before the probe was measured
+    val = harness.load_records(tmp_path, "val")
+    assert harness.best_lr(val, "smi", 300, "knn") == 0.3
+    with pytest.raises(SystemExit, match="val_linear_top1.*--select knn"):
+        harness.best_lr(val, "smi", 300, "linear")
+
+
+def test_report_aggregates_seeds_per_budget(harness, tmp_path):
     for seed, (k200, lin) in enumerate(((40.0, 50.0), (42.0, 54.0))):
         _write(tmp_path, f"smi_s{seed}_test", dict(
             method="smi", lr=0.3, seed=seed, steps=10, extra={}, eval="test", knn200_top1=k200, knn20_top1=k200,
-            linear_top1=lin, train_seconds=60.0, monitor=[{"step": 5, "knn_top1": k200 - 5}]))
-    args = argparse.Namespace(out=str(tmp_path), preset="smoke", methods=["smi", "barlow"])
-    harness.phase_report(args, harness.PRESETS["smoke"])
+            linear_top1=lin, train_seconds=60.0, monitor=[{"step": 5, "knn_top1": k200 - 5}],
+            test_metrics={"features": {"rankme": 100.0 + seed, "alignment": 0.5, "uniformity": -2.0}}))
+    # the same method at other settings (e.g. the other criterion's choice) gets its own row
+    _write(tmp_path, "smi_other_test", dict(
+        method="smi", lr=1.0, seed=0, steps=10, extra={"neg_weight": 64.0}, eval="test", knn200_top1=30.0,
+        knn20_top1=30.0, linear_top1=30.0, train_seconds=60.0, monitor=[]))
+    # a shorter earlier run of the same method is reported in its own table, not averaged in
+    _write(tmp_path, "smi_short_test", dict(method="smi", lr=3.0, seed=0, steps=5, extra={}, eval="test",
+                                            knn200_top1=1.0, knn20_top1=1.0, linear_top1=1.0, train_seconds=6.0,
+                                            monitor=[]))
+    harness.phase_report(_ns(tmp_path, preset="smoke"), harness.PRESETS["smoke"])
     table = (tmp_path / "table.md").read_text()
-    assert "| smi | 0.3 | – | 2 | 41.00 ± 1.41 | 41.00 ± 1.41 | 52.00 ± 2.83 | 1.0 |" in table
+    assert ("| smi | 0.3 | – | 2 | 41.00 ± 1.41 | 41.00 ± 1.41 | 52.00 ± 2.83 | 100.50 ± 0.71 | 0.50 ± 0.00 | "
+            "-2.00 ± 0.00 | 1.0 |") in table
+    assert "| smi | 3 | – | 1 | 1.00 | 1.00 | 1.00 | – | – | – | 0.1 |" in table
+    assert "| smi | 1 | neg_weight 64 | 1 | 30.00 | 30.00 | 30.00 | – | – | – | 1.0 |" in table
+    assert table.index("10 steps") < table.index("5 steps")
     assert (tmp_path / "knn_curves.png").stat().st_size > 1000
 
 
-def test_smi_lr_recheck_and_final_settings_per_method(harness, tmp_path, monkeypatch):
-    base = dict(steps=300, seed=0, eval="val")
+def test_smi_lr_recheck_per_criterion_and_final_settings_per_method(harness, tmp_path, monkeypatch):
     for method, accs in (("smi", (30.0, 41.0, 35.0, 20.0)), ("smi-square", (30.0, 32.0, 38.0, 36.0))):
         for lr, acc in zip((0.1, 0.3, 1.0, 3.0), accs):
-            _write(tmp_path, f"{method}_{lr}_val", dict(base, method=method, lr=lr, extra={}, val_knn_top1=acc))
-    for nw, eps, acc in ((1.0, 0.01, 40.0), (16.0, 0.1, 47.5)):
-        _write(tmp_path, f"smi_sweep_{nw}_{eps}_val",
-               dict(base, method="smi", lr=0.3, extra={"neg_weight": nw, "eps": eps}, val_knn_top1=acc))
+            _write(tmp_path, f"{method}_{lr}_val", _val(method, lr, acc, acc))
+    # the two criteria choose different pairs at lr 0.3
+    knn_pair, lin_pair = {"neg_weight": 16.0, "eps": 0.1}, {"neg_weight": 64.0, "eps": 0.001}
+    _write(tmp_path, "smi_sweep_a_val", _val("smi", 0.3, 47.5, 40.0, knn_pair))
+    _write(tmp_path, "smi_sweep_b_val", _val("smi", 0.3, 45.0, 48.0, lin_pair))
     calls = []
-    monkeypatch.setattr(harness, "_train_and_eval", lambda args, preset, splits, method, lr, seed, steps, extra,
+    monkeypatch.setattr(harness, "train_and_eval", lambda args, preset, splits, method, lr, seed, steps, extra,
                         mode: calls.append((method, lr, seed, steps, extra, mode)))
-    preset = dict(harness.PRESETS["cpu"], lrs=[0.1, 0.3, 1.0, 3.0], seeds=[0], final_steps=9)
-    # the re-check trains the grid neighbours of the lr-phase choice (0.3) at the chosen pair
-    harness.phase_smi_lr(argparse.Namespace(out=str(tmp_path)), preset, {})
-    best = {"neg_weight": 16.0, "eps": 0.1}
-    assert calls == [("smi", 0.1, 0, 300, best, "val"), ("smi", 1.0, 0, 300, best, "val")]
+    preset = dict(harness.PRESETS["cpu"], lrs=[0.1, 0.3, 1.0, 3.0], seeds=[0], final_seeds={}, final_steps=9)
+    # the re-check trains the grid neighbours of the lr the grid ran at (0.3) at the pair of each criterion, the
+    # selected criterion's first
+    harness.phase_smi_lr(_ns(tmp_path), preset, {})
+    assert calls == [("smi", 0.1, 0, 300, lin_pair, "val"), ("smi", 1.0, 0, 300, lin_pair, "val"),
+                     ("smi", 0.1, 0, 300, knn_pair, "val"), ("smi", 1.0, 0, 300, knn_pair, "val")]
+    # also when a criterion's own lr-phase choice is not where the grid ran (kNN prefers lr 1.0 here)
+    _write(tmp_path, "smi_knn_lr_val", _val("smi", 1.0, 60.0, 10.0, {}))
+    calls.clear()
+    harness.phase_smi_lr(_ns(tmp_path, select="knn"), preset, {})
+    assert calls == [("smi", 0.1, 0, 300, knn_pair, "val"), ("smi", 1.0, 0, 300, knn_pair, "val"),
+                     ("smi", 0.1, 0, 300, lin_pair, "val"), ("smi", 1.0, 0, 300, lin_pair, "val")]
+    (tmp_path / "runs" / "smi_knn_lr_val.json").unlink()
     # a re-check run that beats the sweep moves SMI's final lr; the ablation keeps its own lr and SMI's neg_weight,
     # also when each method runs in its own process (--methods smi-square)
-    _write(tmp_path, "smi_recheck_val", dict(base, method="smi", lr=1.0, extra=best, val_knn_top1=49.0))
-    assert harness._smi_choice(harness._load(tmp_path, "val"), 300) == (1.0, best)
+    _write(tmp_path, "smi_recheck_val", _val("smi", 1.0, 30.0, 49.0, lin_pair))
+    assert harness.smi_choice(harness.load_records(tmp_path, "val"), 300) == (1.0, lin_pair)
+    assert harness.smi_choice(harness.load_records(tmp_path, "val"), 300, "knn") == (0.3, knn_pair)
     # an ``investigate`` variant (another projector) never becomes the final setting
-    _write(tmp_path, "smi_variant_val", dict(base, method="smi", lr=1.0, extra=dict(best, projector="512-512"),
-                                              val_knn_top1=99.0))
-    assert harness._smi_choice(harness._load(tmp_path, "val"), 300) == (1.0, best)
+    _write(tmp_path, "smi_variant_val", _val("smi", 1.0, 99.0, 99.0, dict(lin_pair, projector="512-512")))
+    assert harness.smi_choice(harness.load_records(tmp_path, "val"), 300) == (1.0, lin_pair)
     for methods in (["smi", "smi-square"], ["smi-square"]):
         calls.clear()
-        harness.phase_final(argparse.Namespace(out=str(tmp_path), sweep_from=None, methods=methods), preset, {})
-        assert calls[-1] == ("smi-square", 1.0, 0, 9, {"neg_weight": 16.0}, "test")
-    assert calls[0] == ("smi-square", 1.0, 0, 9, {"neg_weight": 16.0}, "test")
+        harness.phase_final(_ns(tmp_path, methods=methods), preset, {})
+        assert calls[-1] == ("smi-square", 1.0, 0, 9, {"neg_weight": 64.0}, "test")
     calls.clear()
-    harness.phase_final(argparse.Namespace(out=str(tmp_path), sweep_from=None, methods=["smi"]), preset, {})
-    assert calls == [("smi", 1.0, 0, 9, best, "test")]
+    harness.phase_final(_ns(tmp_path, methods=["smi"]), preset, {})
+    assert calls == [("smi", 1.0, 0, 9, lin_pair, "test")]
+
+
+def test_shards_split_a_phase_and_final_seeds_per_method(harness, tmp_path, monkeypatch):
+    for method in ("smi", "smi-square", "barlow", "vicreg"):
+        _write(tmp_path, f"{method}_val", _val(method, 1.0, 30.0, 40.0))
+    with pytest.raises(SystemExit, match="no SMI neg_weight x eps sweep"):  # SMI would run at neg_weight 1
+        harness.final_settings(harness.load_records(tmp_path, "val"), 300, ["smi-square", "barlow"])
+    assert harness.final_settings(harness.load_records(tmp_path, "val"), 300, ["barlow"]) == {"barlow": (1.0, {})}
+    _write(tmp_path, "smi_grid_val", _val("smi", 1.0, 35.0, 45.0, {"neg_weight": 64.0, "eps": 0.001}))
+    calls = []
+    monkeypatch.setattr(harness, "train_and_eval", lambda args, preset, splits, method, lr, seed, steps, extra,
+                        mode: calls.append((method, seed)))
+    preset = json.loads(json.dumps(harness.PRESETS["cpu"]))
+    methods = ["smi", "smi-square", "barlow", "vicreg"]
+    shards = []
+    for shard in ("0/2", "1/2"):
+        calls.clear()
+        harness.phase_final(_ns(tmp_path, methods=methods, shard=shard), preset, {})
+        shards.append(list(calls))
+    # SMI and Barlow Twins 2 seeds, VICReg and SMI-square 1; seed 0 of every method first; the two shards split the
+    # six runs without overlap
+    assert shards[0] + shards[1] != [] and not set(shards[0]) & set(shards[1])
+    assert sorted(shards[0] + shards[1]) == sorted([("smi", 0), ("smi", 1), ("barlow", 0), ("barlow", 1),
+                                                    ("vicreg", 0), ("smi-square", 0)])
+    assert shards[0] == [("smi", 0), ("barlow", 0), ("smi", 1)]
+    with pytest.raises(SystemExit, match="I/N"):
+        harness.parse_shard("2")
+    with pytest.raises(SystemExit, match="0 <= I < N"):
+        harness.parse_shard("2/2")
+
+
+def test_smi_phase_waits_for_a_complete_lr_phase(harness, tmp_path, monkeypatch):
+    _write(tmp_path, "smi_0.1_val", _val("smi", 0.1, 30.0, 40.0))  # the other shard has not written lr 0.3 yet
+    monkeypatch.setattr(harness, "train_and_eval", lambda *a: pytest.fail("must not train"))
+    preset = dict(harness.PRESETS["cpu"], lrs=[0.1, 0.3])
+    with pytest.raises(SystemExit, match=r"lr phase of smi is incomplete \(no record at lr \[0.3\]\)"):
+        harness.phase_smi(_ns(tmp_path), preset, {})
+
+
+def test_final_from_other_sweeps_and_fixed_settings(harness, tmp_path, monkeypatch):
+    from smi_timm.losses.smi import DEFAULT_EPS, DEFAULT_NEG_WEIGHT
+
+    sweeps = tmp_path / "cpu"
+    for lr, lin in ((1.0, 40.0), (3.0, 45.0)):  # the CPU grid's best lr (3.0) is not on the gpu preset's grid
+        _write(sweeps, f"barlow_{lr}_val", _val("barlow", lr, 30.0, lin))
+    calls = []
+    monkeypatch.setattr(harness, "train_and_eval", lambda args, preset, splits, method, lr, seed, steps, extra,
+                        mode: calls.append((method, lr, seed, steps, extra, mode)))
+    preset = dict(json.loads(json.dumps(harness.PRESETS["gpu"])), final_steps=50, seeds=[0])
+    args = _ns(tmp_path / "gpu", methods=["barlow"], sweep_from=str(sweeps))
+    harness.phase_final(args, preset, {})
+    assert calls == [("barlow", 3.0, 0, 50, {}, "test")]     # sweeps at 300 steps choose for the gpu preset
+    assert "300-step sweeps" in args.selection
+    calls.clear()
+    smoke = json.loads(json.dumps(harness.PRESETS["smoke"]))
+    harness.phase_final(_ns(tmp_path / "none", methods=["smi", "smi-square", "barlow"], fixed_settings=True),
+                        smoke, {})
+    lr0 = smoke["lrs"][0]
+    assert calls == [("smi", lr0, 0, 3, {"neg_weight": DEFAULT_NEG_WEIGHT, "eps": DEFAULT_EPS}, "test"),
+                     ("smi-square", lr0, 0, 3, {"neg_weight": DEFAULT_NEG_WEIGHT}, "test"),
+                     ("barlow", lr0, 0, 3, {}, "test")]
+
+
+def _transfer_result(acc):
+    ev = lambda size: dict(image_size=size, knn={"k=20": {"top1": acc}, "k=5": {"top1": acc + 1}},  # noqa: E731
+                           linear={"top1": acc + 2}, num_train=720, num_test=240, num_classes=12)
+    return dict(ks=[20, 5], T=0.1, probe={"epochs": 100}, test_label="flowers12/test-000000.tar",
+                evals=[ev(32), ev(64)])
+
+
+def test_transfer_phase_every_final_export_and_the_floor(harness, tmp_path, monkeypatch):
+    import smi_timm.eval.transfer as transfer
+
+    tdir = tmp_path / "flowers"
+    tdir.mkdir()
+    (tdir / "train-000000.tar").write_bytes(b"")
+    (tdir / "test-000000.tar").write_bytes(b"")
+    out = tmp_path / "out"
+    for method, seed in (("smi", 0), ("smi", 1), ("barlow", 0)):
+        rid = f"{method}_s{seed}"
+        _write(out, f"{rid}_test", dict(method=method, lr=1.0, seed=seed, steps=10, extra={}, eval="test",
+                                        run_id=rid, knn200_top1=1.0, knn20_top1=1.0, linear_top1=1.0,
+                                        train_seconds=1.0, monitor=[]))
+        harness.export_dir(out, rid).mkdir(parents=True)
+    seen = []
+
+    def fake(weights, train, test, **kw):
+        seen.append((Path(weights).parent.name if weights != "random" else "random", kw["image_sizes"], kw["model"]))
+        return _transfer_result(50.0 + 10 * len(seen))
+
+    monkeypatch.setattr(transfer, "run_transfer", fake)
+    args = _ns(out, transfer_dir=str(tdir), preset="cpu")
+    harness.phase_transfer(args, harness.PRESETS["cpu"])
+    assert seen == [("barlow_s0", [32, 64], None), ("smi_s0", [32, 64], None), ("smi_s1", [32, 64], None),
+                    ("random", [32, 64], "resnet18")]
+    harness.phase_transfer(args, harness.PRESETS["cpu"])  # every record exists: nothing runs again
+    assert len(seen) == 4
+    harness.phase_report(args, harness.PRESETS["cpu"])
+    table = (out / "table.md").read_text()
+    assert "| smi | lr 1 | 10 | 2 | 75.00 ± 7.07 | 76.00 ± 7.07 | 77.00 ± 7.07 | 75.00 ± 7.07 |" in table
+    assert "| random-init | – | – | 1 | 90.00 | 91.00 | 92.00 | 90.00 | 91.00 | 92.00 |" in table
+    with pytest.raises(SystemExit, match="--transfer-dir"):
+        harness.phase_transfer(_ns(out, transfer_dir=str(tmp_path / "missing")), harness.PRESETS["cpu"])
 
 
 def test_run_settings_extra_overrides_method(harness):
     preset = harness.PRESETS["cpu"]
-    s = harness._settings(preset, "smi", {"neg_weight": 64.0, "eps": 1e-3, "projector": "512-512"})
+    s = harness.run_settings(preset, "smi", {"neg_weight": 64.0, "eps": 1e-3, "projector": "512-512"})
     assert (s["neg_weight"], s["eps"], s["projector"], s["transform"]) == (64.0, 1e-3, "512-512", "mi")
-    assert harness._settings(preset, "smi", {})["neg_weight"] == 1.0  # the lr phase's pinned SMI settings
-    assert "neg_weight" not in harness._settings(preset, "barlow", {})
+    assert harness.run_settings(preset, "smi", {})["neg_weight"] == 1.0  # the lr phase's pinned SMI settings
+    assert "neg_weight" not in harness.run_settings(preset, "barlow", {})
