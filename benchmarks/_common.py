@@ -20,15 +20,26 @@ __all__ = ["cpu_model", "cpu_count", "hardware", "device_tag", "environment", "c
 
 
 def cpu_model() -> str:
-    """The CPU's model name (``/proc/cpuinfo``), or what :mod:`platform` knows elsewhere."""
+    """The CPU's model name (``/proc/cpuinfo``) with its family and whether it has AVX-512 (virtual machines often
+    report a bare "AMD EPYC" for very different chips), or what :mod:`platform` knows elsewhere."""
+    info = {}
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key in ("model name", "cpu family", "model", "flags") and key not in info:
+                    info[key] = value.strip()
+                if not line.strip() and info:
+                    break
     except OSError:
         pass
-    return platform.processor() or platform.machine() or "unknown CPU"
+    if "model name" not in info:
+        return platform.processor() or platform.machine() or "unknown CPU"
+    extra = [f"family {info['cpu family']} model {info['model']}"] if "cpu family" in info else []
+    if "flags" in info:
+        extra.append("AVX-512" if "avx512f" in info["flags"].split() else "no AVX-512")
+    return f"{info['model name']} ({', '.join(extra)})" if extra else info["model name"]
 
 
 def cpu_count() -> int:
