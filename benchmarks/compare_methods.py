@@ -746,6 +746,17 @@ def _spatial_table(out: Path) -> List[str]:
     return lines
 
 
+def curve_labels(records) -> Dict[str, Any]:
+    """``{label: online monitor}``, one curve per run: ``method (seed S)``, with the settings in the label when the
+    method ran at more than one (e.g. each criterion's choice), so no run hides another."""
+    settings: Dict[str, set] = {}
+    for r in records:
+        settings.setdefault(r["method"], set()).add((r["lr"], json.dumps(r["extra"], sort_keys=True)))
+    return {(r["method"] if len(settings[r["method"]]) == 1 else
+             f"{r['method']} lr {r['lr']:g}, {_extra_text(r['extra'])}") + f" (seed {r['seed']})": r["monitor"]
+            for r in records}
+
+
 def phase_report(args, preset):
     """``table.md`` from the run records, and ``knn_curves.png`` from the final runs' online monitor."""
     from smi_timm.curves import plot_curves
@@ -765,8 +776,8 @@ def phase_report(args, preset):
     (out / "table.md").write_text("\n".join(lines).rstrip() + "\n")
     print("\n".join(lines))
     budget = max((r["steps"] for r in test), default=None)
-    monitors = {f"{r['method']} (seed {r['seed']})": r["monitor"] for method in args.methods
-                for r in test if r["method"] == method and r["monitor"] and r["steps"] == budget}
+    monitors = curve_labels([r for method in args.methods for r in test
+                             if r["method"] == method and r["monitor"] and r["steps"] == budget])
     if monitors:
         plot_curves(monitors, out / "knn_curves.png", keys=("knn_top1",),
                     title=f"online kNN monitor (CIFAR-10 test), {budget} steps")

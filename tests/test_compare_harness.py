@@ -98,6 +98,17 @@ def test_report_aggregates_seeds_per_budget(harness, tmp_path):
     assert (tmp_path / "knn_curves.png").stat().st_size > 1000
 
 
+def test_curve_labels_keep_every_run(harness):
+    runs = [dict(method="smi", lr=1.0, seed=0, extra={"neg_weight": 64.0}, monitor=[1]),
+            dict(method="smi", lr=3.0, seed=0, extra={"neg_weight": 64.0}, monitor=[2]),
+            dict(method="smi", lr=1.0, seed=1, extra={"neg_weight": 64.0}, monitor=[3]),
+            dict(method="barlow", lr=1.0, seed=0, extra={}, monitor=[4])]
+    # a method at two settings: the settings name its curves apart; a method at one: method and seed only
+    assert harness.curve_labels(runs) == {
+        "smi lr 1, neg_weight 64 (seed 0)": [1], "smi lr 3, neg_weight 64 (seed 0)": [2],
+        "smi lr 1, neg_weight 64 (seed 1)": [3], "barlow (seed 0)": [4]}
+
+
 def test_smi_lr_recheck_per_criterion_and_final_settings_per_method(harness, tmp_path, monkeypatch):
     for method, accs in (("smi", (30.0, 41.0, 35.0, 20.0)), ("smi-square", (30.0, 32.0, 38.0, 36.0))):
         for lr, acc in zip((0.1, 0.3, 1.0, 3.0), accs):

@@ -171,5 +171,6 @@ class CollapseMonitor:
         if not low:
             return None
         parts = ", ".join(f"{k} {v:.3g} < {limits[k]:.3g}" for k, v in low.items())
-        return (f"warning: step {step}: the embeddings look collapsed ({parts}); a collapsing run rarely recovers: "
-                f"check the learning rate, the loss settings and the augmentations")
+        return (f"warning: step {step}: the embeddings look collapsed ({parts}); check the learning rate, the loss "
+                f"settings and the augmentations (a collapse at a high learning rate can end as the schedule decays "
+                f"it, but the run loses the steps in between)")
