@@ -82,7 +82,8 @@ def plot_curves(runs: Union[str, os.PathLike, Rows, Mapping[str, Rows]], out_png
     panels = [k for k in keys if any(metric_series(rows, k)[0] for rows in labelled.values())]
     if not panels:
         return None
-    fig = Figure(figsize=(4.2 * len(panels), 3.2))
+    outside = len(labelled) > 4  # a long legend goes right of the panels instead of over the curves
+    fig = Figure(figsize=(4.2 * len(panels) + (2.8 if outside else 0.0), 3.2))
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
     for ax, key in zip(axes, panels):
         for label, rows in labelled.items():
@@ -91,8 +92,10 @@ def plot_curves(runs: Union[str, os.PathLike, Rows, Mapping[str, Rows]], out_png
                 ax.plot(xs, ys, marker="o" if len(xs) < 30 else None, markersize=3, label=label or None)
         ax.set(xlabel="step", title=CURVE_TITLES.get(key, key))
         ax.grid(alpha=0.3)
-        if len(labelled) > 1:
+        if len(labelled) > 1 and not outside:
             ax.legend(fontsize=7)
+    if outside:
+        axes[-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
     if title:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
