@@ -521,7 +521,7 @@ def phase_spatial(args, preset):
         mine = [(r, e) for r, e in finals if r["method"] == method and r["steps"] == budget]
         for r, e in mine:  # a method at two settings (e.g. each criterion's choice): the settings name them apart
             sources.append(str(e))
-            labels.append(method if len(mine) == 1 else f"{method} (lr {r['lr']:g}, {_extra_text(r['extra'])})")
+            labels.append(method if len(mine) == 1 else f"{method} ({settings_text(r['lr'], r['extra'])})")
     t = preset["train"]
     sources.append("random")
     labels.append("random init")
@@ -557,6 +557,12 @@ def _fmt(x, spec=".2f"):
 def _extra_text(extra) -> str:
     return ", ".join(f"{k} {v:g}" if isinstance(v, (int, float)) else f"{k} {v}" for k, v in sorted(extra.items())) \
         or "–"
+
+
+def settings_text(lr: Optional[float], extra: Dict[str, Any]) -> str:
+    """``lr 1, eps 0.01, neg_weight 64``: one run's settings as every table and label writes them (``–`` for the
+    random-init floor)."""
+    return "–" if lr is None else f"lr {lr:g}" + (f", {_extra_text(extra)}" if extra else "")
 
 
 def settings_groups(args, records) -> List[List[Dict[str, Any]]]:
@@ -618,10 +624,8 @@ def _transfer_table(args, transfer) -> List[str]:
                 vals = [(r["transfer"]["evals"][i]["linear"] if kind == "linear"
                          else r["transfer"]["evals"][i]["knn"][kind])["top1"] for r in rs]
                 cells.append(mean_std(vals))
-            settings = "–" if rs[0]["lr"] is None else f"lr {rs[0]['lr']:g}" + (
-                f", {_extra_text(rs[0]['extra'])}" if rs[0]["extra"] else "")
-            lines.append(f"| {rs[0]['method']} | {settings} | {steps or '–'} | {len(rs)} | " + " | ".join(cells)
-                         + " |")
+            lines.append(f"| {rs[0]['method']} | {settings_text(rs[0]['lr'], rs[0]['extra'])} | {steps or '–'} | "
+                         f"{len(rs)} | " + " | ".join(cells) + " |")
     return lines
 
 
@@ -674,7 +678,7 @@ def _smi_tables(preset, val, steps) -> List[str]:
                      key=lambda x: (x["lr"], sorted(x["extra"].items())))
     if recheck:
         lines += ["SMI learning-rate re-check at the chosen pair (validation kNN / linear): " + "; ".join(
-            f"lr {x['lr']:g}, {_extra_text(x['extra'])}: {_fmt(score(x, 'knn'))} / {_fmt(score(x, 'linear'))}"
+            f"{settings_text(x['lr'], x['extra'])}: {_fmt(score(x, 'knn'))} / {_fmt(score(x, 'linear'))}"
             for x in recheck) + ".", ""]
     return lines
 
@@ -687,7 +691,7 @@ def _choice_table(args, val, steps) -> List[str]:
         for m in args.methods:
             try:
                 lr, extra = final_settings(val, steps, [m], criterion)[m]
-                cells.append(f"lr {lr:g}" + (f", {_extra_text(extra)}" if extra else ""))
+                cells.append(settings_text(lr, extra))
             except SystemExit:
                 cells.append("–")
         lines.append(f"| validation {criterion} | " + " | ".join(cells) + " |")
@@ -753,7 +757,7 @@ def curve_labels(records) -> Dict[str, Any]:
     for r in records:
         settings.setdefault(r["method"], set()).add((r["lr"], json.dumps(r["extra"], sort_keys=True)))
     return {(r["method"] if len(settings[r["method"]]) == 1 else
-             f"{r['method']} lr {r['lr']:g}, {_extra_text(r['extra'])}") + f" (seed {r['seed']})": r["monitor"]
+             f"{r['method']} {settings_text(r['lr'], r['extra'])}") + f" (seed {r['seed']})": r["monitor"]
             for r in records}
 
 
