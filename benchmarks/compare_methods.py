@@ -1,4 +1,4 @@
-"""SMI vs SMI-square vs Barlow Twins vs VICReg at equal budget on CIFAR-10 — the comparison harness.
+"""SMI vs SMI-square vs Barlow Twins vs VICReg vs SimCLR at equal budget on CIFAR-10 — the comparison harness.
 
 Everything but the loss is identical between methods: backbone, projector, augmentations, batch size, optimiser and
 schedule, number of steps and data-order seeds. Each method gets its own learning rate from a sweep of the same size,
@@ -14,11 +14,14 @@ Phases (each run's result is a JSON file in ``OUT/runs``; finished runs are skip
 continues where it stopped):
 
 - ``lr``:    every method × every learning rate of the preset, seed 0, short budget (``sweep_steps``); SMI and
-             SMI-square at ``neg_weight`` 1, ``eps`` 1e-3 (pinned, so a rerun repeats the same procedure).
+             SMI-square at ``neg_weight`` 1, ``eps`` 1e-3, SimCLR at temperature 0.2 (pinned, so a rerun repeats
+             the same procedure).
 - ``smi``:   SMI ``neg_weight`` × ``eps`` grid at SMI's selected learning rate.
 - ``smi-lr``: SMI at the selected ``neg_weight`` / ``eps`` (of each criterion) and the grid neighbours of its
              learning rate (the lr phase ran at ``neg_weight`` 1, and the two interact); SMI's final settings are the
              best validation run of ``smi`` and ``smi-lr``.
+- ``simclr``: SimCLR's temperature grid (``temperatures``) at its selected learning rate; its final settings are the
+             best validation run of the lr phase's run at that rate and of this grid.
 - ``investigate``: the selected SMI and Barlow Twins settings with projectors 512-512 and 2048-2048; reported, never
              used for selection.
 - ``final``: every method at its selected settings (SMI-square: its own learning rate and SMI's ``neg_weight``),
@@ -27,6 +30,13 @@ continues where it stopped):
              k=20, T=0.1), a linear probe with the 50,000 training images against the 10,000 test images, and the
              representation metrics on the test images. ``--fixed-settings`` skips the sweep records: each method at
              the preset's first learning rate, SMI at the library's ``neg_weight`` / ``eps``.
+- ``trial``: the studies' fixed configurations (``TRIAL_CONFIGS``, stated in docs/RESULTS.md before the runs: SMI at
+             the library defaults and at ``neg_weight`` 16, the alternative readings ``standardize=feature_row`` and
+             ``negatives=logmeanexp``, SMI-square, SimCLR at its validation choice, Barlow Twins), final budget, test
+             split, ``trial_seeds`` seeds; ``--configs`` picks some. Not part of ``all``.
+- ``batch``: trial configurations (default SMI, Barlow Twins, SimCLR; ``--configs``) at each of ``batch_sizes`` at
+             equal epochs (steps and warmup scaled with the batch; the learning rate is per 256 images, so it
+             scales linearly). Not part of ``all``.
 - ``transfer``: every final run's exported backbone, and the random-init floor, frozen, on a small fine-grained set
              (``--transfer-dir``, default ``../shared/data/flowers12``): kNN (k=20 and k=5, T=0.1) and the linear
              probe at the pretraining resolution and at 64 px (:func:`smi_timm.eval.transfer.run_transfer`).
@@ -73,6 +83,8 @@ METHODS: Dict[str, Dict[str, Any]] = {
     "smi-square": dict(loss="smi", transform="square", neg_weight=1.0, eps=1e-3),
     "barlow": dict(loss="barlow", lambd=0.0051),
     "vicreg": dict(loss="vicreg", sim_coeff=25.0, std_coeff=25.0, cov_coeff=1.0),
+    # the lr phase at temperature 0.2 (the middle of the simclr phase's grid), pinned like SMI's settings above
+    "simclr": dict(loss="simclr", temperature=0.2),
 }
 
 #: validation score of each selection criterion (``--select``)
@@ -87,7 +99,8 @@ PRESETS: Dict[str, Dict[str, Any]] = {
                 lrs=[0.1, 0.3, 1.0, 3.0], sweep_steps=300, final_steps=4000, eval_every=500, seeds=[0, 1],
                 final_seeds={"smi": [0, 1], "barlow": [0, 1], "vicreg": [0], "smi-square": [0]},
                 neg_weights=[1, 4, 16, 64, 256], epss=[1e-1, 1e-2, 1e-3], probe_epochs=100, metric_samples=2048,
-                transfer_sizes=[None, 64], spatial_size=128),
+                transfer_sizes=[None, 64], spatial_size=128, temperatures=[0.1, 0.2, 0.5], trial_seeds=[0, 1],
+                batch_sizes=[32, 512], batch_seeds=[0]),
     # the GPU-scale configuration: ResNet-18 with the CIFAR stem, 200 epochs of 50k images at batch 256
     "gpu": dict(train=dict(model="resnet18", cifar_stem=True, image_size=32, projector="2048-2048-2048",
                            augment="cifar", batch_size=256, workers=8, optimizer="lars", lr_biases=None,
@@ -95,14 +108,16 @@ PRESETS: Dict[str, Dict[str, Any]] = {
                            mixed_precision="bf16"),
                 lrs=[0.1, 0.3, 1.0], sweep_steps=7800, final_steps=39000, eval_every=3900, seeds=[0, 1],
                 neg_weights=[1, 4, 16, 64, 256], epss=[1e-1, 1e-2, 1e-3], probe_epochs=100, metric_samples=4096,
-                transfer_sizes=[None, 64], spatial_size=64),
+                transfer_sizes=[None, 64], spatial_size=64, temperatures=[0.1, 0.2, 0.5], trial_seeds=[0, 1],
+                batch_sizes=[64, 1024], batch_seeds=[0]),
     # checks the harness end to end in about a minute on the bundled sample (numbers mean nothing)
     "smoke": dict(train=dict(model="resnet10t", cifar_stem=False, image_size=32, projector="64-64",
                              augment="cifar", batch_size=32, workers=0, optimizer="lars", lr_biases=None,
                              weight_decay=1e-4, warmup_steps=1, log_every=1),
                   lrs=[0.3], sweep_steps=2, final_steps=3, eval_every=2, seeds=[0], neg_weights=[1, 4],
                   epss=[1e-2], probe_epochs=2, metric_samples=64, transfer_sizes=[None, 64], spatial_size=128,
-                  transfer_max_batches=1, spatial_samples=16, bundled=True),
+                  transfer_max_batches=1, spatial_samples=16, bundled=True, temperatures=[0.2, 0.5],
+                  trial_seeds=[0], batch_sizes=[16], batch_seeds=[0]),
 }
 
 TRANSFER_KS = (20, 5)  # kNN neighbours of the transfer phase (T = 0.1): the set has 60 training images per class
@@ -158,7 +173,8 @@ def evaluate_export(export: str, preset, bank, query, *, augment: str, out: str)
     knn = run_knn(export, bank, query, k=200, extra_k=(20,), **common)
     lin = run_linear(export, bank, query, epochs=preset["probe_epochs"], **common)
     m = measure(export, query, num_samples=preset["metric_samples"], augment=augment, views="ssl", workers=workers)
-    keep = ("dim", "rankme", "effective_rank", "alignment", "uniformity", "redundancy")
+    keep = ("dim", "rankme", "effective_rank", "alignment", "alignment_centered", "cross_view_corr", "uniformity",
+            "redundancy")
     res = knn["results"]
     return dict(knn200_top1=res["k=200"]["top1"], knn200_top5=res["k=200"]["top5"], knn20_top1=res["k=20"]["top1"],
                 knn20_top5=res["k=20"]["top5"], linear_top1=lin["top1"], linear_top5=lin["top5"],
@@ -189,7 +205,9 @@ def train_and_eval(args, preset, splits, method, lr, seed, steps, extra, eval_mo
     settings = run_settings(preset, method, extra)
     monitor = {}
     if eval_mode == "test":
-        monitor = dict(eval_train=splits["val_bank"], eval_test=splits["test_query"], eval_every=preset["eval_every"],
+        # the monitor's interval in images, whatever the batch (the batch phase changes it)
+        every = max(1, round(preset["eval_every"] * preset["train"]["batch_size"] / settings["batch_size"]))
+        monitor = dict(eval_train=splits["val_bank"], eval_test=splits["test_query"], eval_every=every,
                        eval_image_size=settings["image_size"])
     cfg = TrainConfig(**settings, **monitor, data=splits["train"], lr=lr, seed=seed, max_steps=steps,
                       save_every=max(steps // 2, 1), keep_last=1, output_dir=str(run_dir), progress=args.progress,
@@ -302,7 +320,9 @@ def final_settings(records, steps, methods: Sequence[str], criterion: str = "lin
         r["method"] == "smi" for r in records) else (None, {})
     out = {}
     for method in methods:
-        if method == "smi":
+        if method == "simclr":
+            out[method] = simclr_choice(records, steps, criterion)
+        elif method == "smi":
             out[method] = (smi_lr if smi_lr is not None else best_lr(records, method, steps, criterion), smi_extra)
         elif method == "smi-square" and "neg_weight" in smi_extra:
             out[method] = (best_lr(records, method, steps, criterion), {"neg_weight": smi_extra["neg_weight"]})
@@ -311,13 +331,26 @@ def final_settings(records, steps, methods: Sequence[str], criterion: str = "lin
     return out
 
 
+def simclr_choice(records, steps, criterion: str = "linear") -> Tuple[float, Dict[str, Any]]:
+    """SimCLR's (lr, {"temperature": T}): its best learning rate (lr phase, at the pinned temperature), then the best
+    temperature at that rate (the lr-phase run and the ``simclr`` phase's runs)."""
+    lr = best_lr(records, "simclr", steps, criterion)
+    pinned = METHODS["simclr"]["temperature"]
+    cands = [dict(r, extra={"temperature": r["extra"].get("temperature", pinned)}) for r in records
+             if r["method"] == "simclr" and r["lr"] == lr and r["steps"] == steps
+             and set(r["extra"]) <= {"temperature"}]
+    return lr, dict(_best(cands, criterion, "SimCLR temperature sweep")["extra"])
+
+
 def fixed_settings(preset, methods: Sequence[str]) -> Dict[str, Tuple[float, Dict[str, Any]]]:
     """``--fixed-settings``: no sweep records; every method at the preset's first learning rate, SMI at the library's
     ``neg_weight`` / ``eps`` and SMI-square at its ``neg_weight``."""
+    from smi_timm.losses.simclr import DEFAULT_TEMPERATURE
     from smi_timm.losses.smi import DEFAULT_EPS, DEFAULT_NEG_WEIGHT
 
     extras = {"smi": {"neg_weight": float(DEFAULT_NEG_WEIGHT), "eps": float(DEFAULT_EPS)},
-              "smi-square": {"neg_weight": float(DEFAULT_NEG_WEIGHT)}}
+              "smi-square": {"neg_weight": float(DEFAULT_NEG_WEIGHT)},
+              "simclr": {"temperature": float(DEFAULT_TEMPERATURE)}}
     return {m: (float(preset["lrs"][0]), dict(extras.get(m, {}))) for m in methods}
 
 
@@ -407,6 +440,16 @@ def phase_smi_lr(args, preset, splits):
     run_jobs(args, preset, splits, jobs)
 
 
+def phase_simclr(args, preset, splits):
+    """SimCLR's temperature grid at its selected learning rate (the lr phase ran at the pinned temperature 0.2)."""
+    val, steps = val_records(args), preset["sweep_steps"]
+    require_lr_phase(val, "simclr", preset["lrs"], steps)
+    lr = best_lr(val, "simclr", steps, _select(args))
+    pinned = METHODS["simclr"]["temperature"]
+    run_jobs(args, preset, splits, [("simclr", lr, 0, steps, {"temperature": float(t)}, "val")
+                                    for t in preset["temperatures"] if float(t) != pinned])
+
+
 # Variants of the chosen settings run by the ``investigate`` phase (sweep budget, validation split): does the
 # projector width explain the gap between SMI and Barlow Twins?
 INVESTIGATE = [("smi", dict(projector="512-512")), ("smi", dict(projector="2048-2048")),
@@ -439,6 +482,70 @@ def phase_final(args, preset, splits):
     # seed-major: all methods' seed 0 first, so that a complete one-seed table exists early
     run_jobs(args, preset, splits, [(m, chosen[m][0], s, preset["final_steps"], chosen[m][1], "test")
                                     for s in seeds for m in args.methods if s in seeds_of(preset, m)])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# studies at fixed settings: SMI's reading on trial, and the batch size
+# ---------------------------------------------------------------------------------------------------------------------
+
+#: The configurations of the ``trial`` phase, fixed before its runs (docs/RESULTS.md, "SMI's reading on trial"):
+#: name -> (method, lr, extra settings); ``None`` for SimCLR: its validation choice (lr phase, then ``simclr``).
+TRIAL_CONFIGS: Dict[str, Tuple[str, Optional[float], Optional[Dict[str, Any]]]] = {
+    "smi": ("smi", 1.0, {"neg_weight": 64.0, "eps": 1e-3}),                      # the library defaults
+    "smi-w16": ("smi", 1.0, {"neg_weight": 16.0, "eps": 1e-3}),
+    "feature_row": ("smi", 1.0, {"neg_weight": 64.0, "eps": 1e-3, "standardize": "feature_row"}),
+    "feature_row-w16": ("smi", 1.0, {"neg_weight": 16.0, "eps": 1e-3, "standardize": "feature_row"}),
+    "logmeanexp-w16": ("smi", 1.0, {"neg_weight": 16.0, "eps": 1e-3, "negatives": "logmeanexp"}),
+    "smi-square": ("smi-square", 1.0, {"neg_weight": 64.0}),
+    "simclr": ("simclr", None, None),
+    "barlow": ("barlow", 1.0, {}),
+    "vicreg": ("vicreg", 3.0, {}),
+}
+#: the configurations the batch phase runs by default (``--configs`` adds SMI's best variant)
+BATCH_CONFIGS = ["smi", "barlow", "simclr"]
+
+
+def config_settings(args, preset, names: Sequence[str]) -> Dict[str, Tuple[str, float, Dict[str, Any]]]:
+    """``{name: (method, lr, extra)}`` of trial configurations; SimCLR's from its validation records."""
+    out = {}
+    for name in names:
+        method, lr, extra = TRIAL_CONFIGS[name]
+        if lr is None:
+            val = val_records(args)
+            lr, extra = final_settings(val, selection_steps(val, preset), [method], _select(args))[method]
+        out[name] = (method, lr, dict(extra))
+    return out
+
+
+def phase_trial(args, preset, splits):
+    """Every trial configuration (``--configs``, default all but VICReg) at the final budget on the test split,
+    ``trial_seeds`` seeds, seed-major (every configuration's seed 0 first)."""
+    names = getattr(args, "configs", None) or [n for n in TRIAL_CONFIGS if n != "vicreg"]
+    chosen = config_settings(args, preset, names)
+    run_jobs(args, preset, splits, [(m, lr, s, preset["final_steps"], extra, "test")
+                                    for s in preset["trial_seeds"] for m, lr, extra in chosen.values()])
+
+
+def batch_extra(preset, batch: int) -> Tuple[int, Dict[str, Any]]:
+    """(steps, extra settings) of a batch-phase run: the final budget's epochs at ``batch`` images per step, the
+    warmup as long in images; the learning rate is per 256 images, so it scales linearly with the batch."""
+    base = preset["train"]["batch_size"]
+    steps = max(1, round(preset["final_steps"] * base / batch))
+    return steps, {"batch_size": int(batch), "warmup_steps": max(1, round(preset["train"]["warmup_steps"] * base /
+                                                                           batch))}
+
+
+def phase_batch(args, preset, splits):
+    """The small-batch claim: trial configurations (``--configs``, default smi, barlow, simclr) at each of the
+    preset's ``batch_sizes`` at equal epochs, ``batch_seeds`` seeds; the batch-``batch_size`` rows are the trial's."""
+    names = getattr(args, "configs", None) or BATCH_CONFIGS
+    chosen = config_settings(args, preset, names)
+    jobs = []
+    for s in preset["batch_seeds"]:
+        for b in preset["batch_sizes"]:
+            steps, bx = batch_extra(preset, b)
+            jobs += [(m, lr, s, steps, dict(extra, **bx), "test") for m, lr, extra in chosen.values()]
+    run_jobs(args, preset, splits, jobs)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -792,14 +899,22 @@ def phase_report(args, preset):
 # command line
 # ---------------------------------------------------------------------------------------------------------------------
 
-PHASES = ["lr", "smi", "smi-lr", "investigate", "final", "transfer", "spatial", "report", "all"]
+PHASES = ["lr", "smi", "smi-lr", "simclr", "investigate", "final", "trial", "batch", "transfer", "spatial", "report",
+          "all"]
+#: studies at fixed settings, run only when named (not part of ``all``)
+STUDY_PHASES = ("trial", "batch")
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
     p.add_argument("--phase", choices=PHASES, nargs="+", default=["all"],
-                   help="phase(s) to run, in the order of the list above (e.g. --phase transfer spatial report)")
+                   help="phase(s) to run, in the order of the list above (e.g. --phase transfer spatial report); "
+                        "all: every phase but the studies trial and batch")
+    p.add_argument("--configs", nargs="+", choices=list(TRIAL_CONFIGS),
+                   help="trial / batch phases: the configurations to run (default: all but vicreg / "
+                        + ", ".join(BATCH_CONFIGS) + ")")
+    p.add_argument("--batch-sizes", type=int, nargs="+", help="override the preset's batch sizes (batch phase)")
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     p.add_argument("--select", choices=sorted(CRITERIA), default="linear",
                    help="validation score that chooses the settings: linear probe (default, the paper's metric) or "
@@ -813,7 +928,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="output folder (default results/<date>-<preset>)")
     p.add_argument("--final-steps", type=int, help="override the preset's final budget")
     p.add_argument("--sweep-steps", type=int, help="override the preset's sweep budget")
-    p.add_argument("--seeds", type=int, nargs="+", help="final-phase seeds of every method (default: the preset's)")
+    p.add_argument("--seeds", type=int, nargs="+", help="final, trial and batch phases: the seeds of every method "
+                                                        "(default: the preset's)")
     p.add_argument("--eval-every", type=int, help="override the preset's online-monitor interval (final phase)")
     p.add_argument("--lrs", type=float, nargs="+", help="override the preset's learning-rate grid")
     p.add_argument("--neg-weights", type=float, nargs="+", help="override the SMI neg_weight values of the sweep")
@@ -839,11 +955,11 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     parse_shard(args.shard)
     preset = json.loads(json.dumps(PRESETS[args.preset]))
-    for key in ("final_steps", "sweep_steps", "seeds", "eval_every", "lrs", "neg_weights", "epss"):
+    for key in ("final_steps", "sweep_steps", "seeds", "eval_every", "lrs", "neg_weights", "epss", "batch_sizes"):
         if getattr(args, key) is not None:
             preset[key] = getattr(args, key)
     if args.seeds is not None:
-        preset["final_seeds"] = {}
+        preset.update(final_seeds={}, trial_seeds=args.seeds, batch_seeds=args.seeds)
     if args.workers is not None:
         preset["train"]["workers"] = args.workers
     if args.loss_backend is not None:
@@ -854,12 +970,13 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     args.out = args.out or str(REPO / "results" / f"{date.today()}-{args.preset}")
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    wanted = set(PHASES[:-1]) if "all" in args.phase else set(args.phase)
-    if wanted & {"lr", "smi", "smi-lr", "investigate", "final"}:
+    wanted = set(args.phase) | ({p for p in PHASES[:-1] if p not in STUDY_PHASES} if "all" in args.phase else set())
+    training = {"lr": phase_lr, "smi": phase_smi, "smi-lr": phase_smi_lr, "simclr": phase_simclr,
+                "investigate": phase_investigate, "final": phase_final, "trial": phase_trial, "batch": phase_batch}
+    if wanted & set(training):
         splits = data_splits(args, preset)
-        for name, fn in (("lr", phase_lr), ("smi", phase_smi), ("smi-lr", phase_smi_lr),
-                         ("investigate", phase_investigate), ("final", phase_final)):
-            if name in wanted and (name not in ("smi", "smi-lr") or "smi" in args.methods):
+        for name, fn in training.items():
+            if name in wanted and (name not in ("smi", "smi-lr", "simclr") or name.split("-")[0] in args.methods):
                 fn(args, preset, splits)
     for name, fn in (("transfer", phase_transfer), ("spatial", phase_spatial), ("report", phase_report)):
         if name in wanted:

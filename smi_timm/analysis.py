@@ -8,7 +8,11 @@ eval split: WebDataset shards or an ImageFolder dir) it computes, on ``--num-sam
   (Roy & Vetterli, 2007) and ``rankme`` = exp(entropy of the normalised singular values of the embedding matrix)
   (RankMe, Garrido et al., 2023);
 * **alignment** E||f(x) - f(x')||^2 of two views and **uniformity** log E exp(-2 ||f(x) - f(y)||^2) over pairs of
-  images, both on L2-normalised outputs (Wang & Isola, 2020). The two views come from the SSL loader
+  images, both on L2-normalised outputs (Wang & Isola, 2020); **alignment_centered**, the same alignment after
+  subtracting the batch mean of the features (a common mode shared by every image makes two views look aligned
+  without telling images apart), and **cross_view_corr**, the mean over features of the Pearson correlation of one
+  feature between the two views across the batch (the diagonal of Barlow Twins' cross-correlation matrix). The two
+  views come from the SSL loader
   ``smi_timm.data.make_ssl_loader(..., augment=--augment)`` for shards, and from a random resized crop (scale 0.5-1)
   + horizontal flip of each image for an ImageFolder dir (or ``--views crop-flip``); ``views`` in the JSON says which;
 * **redundancy** — mean absolute off-diagonal entry of the feature correlation matrix;
@@ -53,7 +57,8 @@ from torch import nn
 from .layout import METRICS, write_json_atomic
 
 __all__ = ["main", "analyze", "measure", "Measurement", "effective_rank", "rankme", "alignment", "uniformity",
-           "redundancy", "covariance_spectrum", "representation_metrics", "two_view_pair", "two_views",
+           "alignment_centered", "cross_view_corr", "redundancy", "covariance_spectrum", "representation_metrics",
+           "two_view_pair", "two_views",
            "plot_diagnostics", "run_curves"]
 
 
@@ -92,6 +97,28 @@ def alignment(za: torch.Tensor, zb: torch.Tensor, alpha: float = 2.0) -> float:
     """E ||f(x) - f(x')||^alpha over positive pairs, on L2-normalised outputs (Wang & Isola, 2020). 0 = identical."""
     a, b = F.normalize(za.float(), dim=1), F.normalize(zb.float(), dim=1)
     return float((a - b).norm(dim=1).pow(alpha).mean())
+
+
+def alignment_centered(za: torch.Tensor, zb: torch.Tensor, alpha: float = 2.0) -> float:
+    """:func:`alignment` after subtracting the batch mean of the features (one mean over both views' 2N rows)
+    before L2 normalisation: a common mode shared by every image no longer counts as alignment."""
+    mean = torch.cat([za, zb]).double().mean(dim=0, keepdim=True)
+    return alignment(za.double() - mean, zb.double() - mean, alpha)
+
+
+def cross_view_corr(za: torch.Tensor, zb: torch.Tensor, eps: float = 1e-12) -> float:
+    """Mean over features j of the Pearson correlation of ``za[:, j]`` and ``zb[:, j]`` over the batch: the diagonal
+    of Barlow Twins' cross-correlation matrix. 1 = every feature takes the same value on both views of each image.
+    Features constant over the batch in either view (dead units) have no correlation and are left out; NaN when
+    every feature is constant."""
+    a, b = za.double(), zb.double()
+    a, b = a - a.mean(dim=0), b - b.mean(dim=0)
+    sa, sb = a.norm(dim=0), b.norm(dim=0)
+    live = (sa > eps) & (sb > eps)
+    if not bool(live.any()):
+        return float("nan")
+    corr = (a * b).sum(dim=0)[live] / (sa[live] * sb[live])
+    return float(corr.mean())
 
 
 def uniformity(z: torch.Tensor, t: float = 2.0) -> float:
@@ -135,6 +162,8 @@ def representation_metrics(z: torch.Tensor, za: torch.Tensor, zb: torch.Tensor,
         "effective_rank": spectrum["effective_rank"],
         "rankme": spectrum["rankme"],
         "alignment": alignment(za, zb),
+        "alignment_centered": alignment_centered(za, zb),
+        "cross_view_corr": cross_view_corr(za, zb),
         "uniformity": uniformity(za),
         "redundancy": redundancy(z),
         "dependency_diag_mean": float(dep[eye].mean()),
@@ -494,7 +523,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     for name, m in (result.get("metrics") or {}).items():
         print(f"{name}: D={m['dim']} effective rank {m['effective_rank']:.1f}, RankMe {m['rankme']:.1f}, "
-              f"alignment {m['alignment']:.3f}, uniformity {m['uniformity']:.3f}, redundancy {m['redundancy']:.3f}")
+              f"alignment {m['alignment']:.3f} (centred {m['alignment_centered']:.3f}), cross-view correlation "
+              f"{m['cross_view_corr']:.3f}, uniformity {m['uniformity']:.3f}, redundancy {m['redundancy']:.3f}")
     if result.get("curves"):
         print(f"curves: {result['curves']}")
     print(f"wrote {args.out_dir}/: {', '.join(result.get('files') or ['analysis.json', 'curves.png'])}")

@@ -20,7 +20,8 @@ __all__ = ["model_card", "write_model_card", "push_to_hub"]
 
 PathLike = Union[str, os.PathLike]
 
-_LOSS_NAMES = {"smi": "SMI (Semantic Mutual Information)", "barlow": "Barlow Twins", "vicreg": "VICReg"}
+_LOSS_NAMES = {"smi": "SMI (Semantic Mutual Information)", "barlow": "Barlow Twins", "vicreg": "VICReg",
+               "simclr": "SimCLR (NT-Xent)"}
 # recipe fields worth a line in the card, in this order
 _RECIPE_KEYS = ("optimizer", "lr", "lr_biases", "weight_decay", "global_batch", "batch_size", "num_processes",
                 "grad_accum", "total_steps", "steps_per_epoch", "warmup_steps", "mixed_precision", "augment",

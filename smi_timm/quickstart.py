@@ -49,7 +49,7 @@ QUICKSTART = dict(
 
 
 #: How the quick start's table names each ``--loss``.
-METHOD_NAMES = {"smi": "SMI", "barlow": "Barlow Twins", "vicreg": "VICReg"}
+METHOD_NAMES = {"smi": "SMI", "barlow": "Barlow Twins", "vicreg": "VICReg", "simclr": "SimCLR"}
 
 
 def knn_pretrained_vs_random(pretrained_backbone, model: str, cifar_stem: bool, image_size: int, seed: int = 0,

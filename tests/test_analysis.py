@@ -55,6 +55,30 @@ def test_alignment_uniformity_redundancy():
     assert redundancy(dup) == pytest.approx(1.0, abs=1e-5)
 
 
+def test_centred_alignment_and_cross_view_correlation():
+    from smi_timm.analysis import alignment_centered, cross_view_corr
+
+    g = torch.Generator().manual_seed(1)
+    za = torch.randn(400, 16, generator=g, dtype=torch.float64)
+    zb = torch.randn(400, 16, generator=g, dtype=torch.float64)  # views unrelated to each other
+    common = torch.full((1, 16), 20.0, dtype=torch.float64)
+    # a large common mode makes unrelated views look aligned; the centred alignment does not reward it
+    assert alignment(za + common, zb + common) < 0.05
+    assert alignment_centered(za + common, zb + common) == pytest.approx(alignment(za, zb), abs=0.05)
+    assert alignment_centered(za + common, zb + common) > 1.5  # ≈ 2: random directions
+    assert alignment_centered(za, za) == pytest.approx(0.0, abs=1e-12)
+    # cross-view correlation: 1 for identical views (invariant to per-feature affine maps), ≈ 0 for unrelated views
+    scale = torch.linspace(0.1, 10.0, 16, dtype=torch.float64)
+    assert cross_view_corr(za, za * scale + 3.0) == pytest.approx(1.0, abs=1e-12)
+    assert abs(cross_view_corr(za, zb)) < 0.1
+    noisy = za + 1.0 * torch.randn(400, 16, generator=g, dtype=torch.float64)  # corr = 1/sqrt(2)
+    assert cross_view_corr(za, noisy) == pytest.approx(2 ** -0.5, abs=0.05)
+    dead = za.clone()
+    dead[:, :4] = 0.0  # dead units are left out, not counted as uncorrelated
+    assert cross_view_corr(dead, dead.clone()) == pytest.approx(1.0, abs=1e-12)
+    assert math.isnan(cross_view_corr(torch.zeros(5, 3), torch.zeros(5, 3)))
+
+
 def test_two_view_pair_shapes_and_difference():
     x = torch.randn(4, 3, 16, 16)
     a, b = two_view_pair(x, torch.Generator().manual_seed(0))

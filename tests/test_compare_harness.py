@@ -259,3 +259,44 @@ def test_run_settings_extra_overrides_method(harness):
     assert (s["neg_weight"], s["eps"], s["projector"], s["transform"]) == (64.0, 1e-3, "512-512", "mi")
     assert harness.run_settings(preset, "smi", {})["neg_weight"] == 1.0  # the lr phase's pinned SMI settings
     assert "neg_weight" not in harness.run_settings(preset, "barlow", {})
+
+
+def test_simclr_temperature_phase_trial_and_batch_jobs(harness, tmp_path, monkeypatch):
+    for lr, lin in ((0.1, 40.0), (0.3, 47.0), (1.0, 44.0), (3.0, 20.0)):
+        _write(tmp_path, f"simclr_{lr}_val", _val("simclr", lr, 30.0, lin))
+    calls = []
+    monkeypatch.setattr(harness, "train_and_eval", lambda args, preset, splits, method, lr, seed, steps, extra,
+                        mode: calls.append((method, lr, seed, steps, extra, mode)))
+    preset = json.loads(json.dumps(harness.PRESETS["cpu"]))
+    args = _ns(tmp_path, methods=["simclr"], configs=None)
+    # the temperature grid runs at the selected lr, without the pinned temperature the lr phase already ran
+    harness.phase_simclr(args, preset, {})
+    assert calls == [("simclr", 0.3, 0, 300, {"temperature": 0.1}, "val"),
+                     ("simclr", 0.3, 0, 300, {"temperature": 0.5}, "val")]
+    # before the grid: the lr-phase run (temperature 0.2) is the choice; a better grid run takes over; a grid run at
+    # another lr never does
+    val = harness.load_records(tmp_path, "val")
+    assert harness.simclr_choice(val, 300) == (0.3, {"temperature": 0.2})
+    _write(tmp_path, "simclr_t05_val", _val("simclr", 0.3, 30.0, 49.0, {"temperature": 0.5}))
+    _write(tmp_path, "simclr_t01_val", _val("simclr", 1.0, 30.0, 99.0, {"temperature": 0.1}))
+    assert harness.simclr_choice(harness.load_records(tmp_path, "val"), 300) == (0.3, {"temperature": 0.5})
+    # the trial: fixed configurations (SimCLR's from the sweep), seed-major
+    calls.clear()
+    harness.phase_trial(_ns(tmp_path, configs=["smi", "feature_row", "simclr"]), preset, {})
+    assert calls == [
+        ("smi", 1.0, 0, 4000, {"neg_weight": 64.0, "eps": 1e-3}, "test"),
+        ("smi", 1.0, 0, 4000, {"neg_weight": 64.0, "eps": 1e-3, "standardize": "feature_row"}, "test"),
+        ("simclr", 0.3, 0, 4000, {"temperature": 0.5}, "test"),
+        ("smi", 1.0, 1, 4000, {"neg_weight": 64.0, "eps": 1e-3}, "test"),
+        ("smi", 1.0, 1, 4000, {"neg_weight": 64.0, "eps": 1e-3, "standardize": "feature_row"}, "test"),
+        ("simclr", 0.3, 1, 4000, {"temperature": 0.5}, "test")]
+    # the batch study: equal epochs (4,000 steps at 128 = 16,000 at 32 = 1,000 at 512), warmup in images
+    calls.clear()
+    harness.phase_batch(_ns(tmp_path, configs=["smi", "barlow"]), preset, {})
+    assert calls == [
+        ("smi", 1.0, 0, 16000, {"neg_weight": 64.0, "eps": 1e-3, "batch_size": 32, "warmup_steps": 400}, "test"),
+        ("barlow", 1.0, 0, 16000, {"batch_size": 32, "warmup_steps": 400}, "test"),
+        ("smi", 1.0, 0, 1000, {"neg_weight": 64.0, "eps": 1e-3, "batch_size": 512, "warmup_steps": 25}, "test"),
+        ("barlow", 1.0, 0, 1000, {"batch_size": 512, "warmup_steps": 25}, "test")]
+    assert harness.run_name("barlow", 1.0, 0, 16000, calls[1][4]) == "barlow_lr1_s0_n16000_batch_size32_warmup_steps400"
+    assert harness.run_settings(preset, "barlow", calls[1][4])["batch_size"] == 32

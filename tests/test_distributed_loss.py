@@ -9,12 +9,18 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from smi_timm.losses import BarlowTwinsLoss, SMILoss, VICRegLoss
+from smi_timm.losses import BarlowTwinsLoss, SimCLRLoss, SMILoss, VICRegLoss
 
 WORLD = 2
 N_LOCAL, D_IN, D_OUT = 6, 10, 12
 LOSSES = {
     "smi": lambda gather: SMILoss(neg_weight=4.0, eps=1e-2, gather=gather, backend="torch"),
+    # the alternative readings: feature statistics and the log-mean-exp over the global batch
+    "smi-feature_row": lambda gather: SMILoss(neg_weight=4.0, eps=1e-2, gather=gather, backend="torch",
+                                              standardize="feature_row"),
+    "smi-logmeanexp-square": lambda gather: SMILoss(neg_weight=4.0, gather=gather, backend="torch",
+                                                    negatives="logmeanexp", transform="square"),
+    "simclr": lambda gather: SimCLRLoss(temperature=0.2, gather=gather),
     "barlow": lambda gather: BarlowTwinsLoss(lambd=0.05, gather=gather),
     "vicreg": lambda gather: VICRegLoss(gather=gather),
 }

@@ -192,7 +192,13 @@ def test_module_and_functional_agree_and_repr():
     assert SMILoss(neg_weight=4.0, eps=1e-2)(za, zb).item() == pytest.approx(m(za, zb).item(), abs=1e-6)
 
 
-@pytest.mark.parametrize("loss_fn", [smi_loss, barlow_twins_loss, vicreg_loss])
+def _simclr(za, zb):
+    from smi_timm.losses import simclr_loss
+
+    return simclr_loss(za, zb)
+
+
+@pytest.mark.parametrize("loss_fn", [smi_loss, barlow_twins_loss, vicreg_loss, _simclr])
 @pytest.mark.parametrize("za,zb,match", [
     (torch.randn(1, 8), torch.randn(1, 8), r"at least 2 samples.*\(1, 8\)"),
     (torch.randn(4, 1), torch.randn(4, 1), r"at least 2 features.*\(4, 1\)"),
@@ -211,8 +217,8 @@ def test_bad_options_list_valid_values():
         SMILoss(transform="log")
     with pytest.raises(ValueError, match=r"backend.*'auto', 'torch', 'triton'"):
         SMILoss(backend="cuda")
-    with pytest.raises(ValueError, match=r"loss.*'smi', 'barlow', 'vicreg'"):
-        create_loss("simclr")
+    with pytest.raises(ValueError, match=r"loss.*'smi', 'barlow', 'vicreg', 'simclr'"):
+        create_loss("byol")
     with pytest.raises(ValueError, match="eps must be > 0"):
         SMILoss(eps=0.0)
 
@@ -238,3 +244,184 @@ def test_create_loss_by_name():
     assert isinstance(create_loss("smi", neg_weight=2.0), SMILoss)
     assert isinstance(create_loss("barlow", lambd=0.1), BarlowTwinsLoss)
     assert isinstance(create_loss("vicreg"), VICRegLoss)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the alternative readings of SMI: standardize="feature_row", negatives="logmeanexp"
+# ---------------------------------------------------------------------------------------------------------------------
+
+def smi_reading_float64(za, zb, neg_weight, eps, transform="mi", standardize="row", negatives="mean"):
+    """Both readings of the SMI formula in float64, written out independently of the library."""
+    a, b = za.double(), zb.double()
+    n, d = a.shape
+
+    def std_features(x):
+        mu = x.sum(0, keepdim=True) / n
+        var = ((x - mu) ** 2).sum(0, keepdim=True) / n
+        return (x - mu) / torch.sqrt(var + 1e-6)
+
+    def std_rows(x):
+        mu = x.sum(1, keepdim=True) / d
+        var = ((x - mu) ** 2).sum(1, keepdim=True) / d
+        return (x - mu) / torch.sqrt(var + 1e-6)
+
+    if standardize == "feature_row":
+        a, b = std_features(a), std_features(b)
+    rho = std_rows(a) @ std_rows(b).T / d
+    if transform == "mi":
+        dep = 0.5 * math.log(1 + eps) - 0.5 * torch.log(1 + eps - torch.clamp(rho ** 2, max=1.0))
+    else:
+        dep = 0.5 * rho ** 2
+    eye = torch.eye(n, dtype=torch.bool)
+    pos = dep[eye].sum() / n
+    if negatives == "mean":
+        neg = dep[~eye].sum() / (n * (n - 1))
+    else:  # log of the mean of exp over the n(n-1) off-diagonal pairs, plainly (no shift: float64, φ ≤ 3.5)
+        neg = torch.log(torch.exp(dep[~eye]).sum() / (n * (n - 1)))
+    return -pos + neg_weight * neg
+
+
+READINGS = [("feature_row", "mean"), ("row", "logmeanexp"), ("feature_row", "logmeanexp")]
+
+
+@pytest.mark.parametrize("standardize,negatives", READINGS)
+@pytest.mark.parametrize("transform", ["mi", "square"])
+# (N = 2 is degenerate for feature_row: standardised over two samples, the rows are exactly ±(each other))
+@pytest.mark.parametrize("n,d", [(4, 3), (3, 5), (17, 64), (129, 130), (33, 7)])
+def test_smi_readings_match_float64(n, d, transform, standardize, negatives):
+    za, zb = _pair(n, d, seed=n * 100 + d)
+    # shift and scale features unequally: the common mode and unequal variances feature_row removes
+    za = za * torch.linspace(0.5, 3.0, d) + 2.0
+    zb = zb * torch.linspace(0.5, 3.0, d) + 2.0
+    # D = 3: ρ_ij near ±1 is common, where float32 rounding of ρ (~1e-7) is amplified by up to 1/ε in the gradient
+    tol = dict(atol=2e-4, rtol=2e-3) if d <= 3 else {}
+    for nw, eps in ((1.0, 1e-3), (16.0, 1e-1)):
+        kw = dict(neg_weight=nw, eps=eps, transform=transform, standardize=standardize, negatives=negatives)
+        _assert_close_to_float64(lambda a, b, kw=kw: smi_loss(a, b, backend="torch", **kw),
+                                 lambda a, b, kw=kw: smi_reading_float64(a, b, **kw), za, zb, **tol)
+
+
+@pytest.mark.parametrize("standardize,negatives", READINGS)
+def test_smi_readings_chunked_and_gradcheck(standardize, negatives):
+    za, zb = _pair(23, 9, seed=4)
+    kw = dict(neg_weight=8.0, eps=1e-2, standardize=standardize, negatives=negatives)
+    full = _value_and_grads(lambda a, b: smi_loss_reference(a, b, chunk_size=10 ** 6, **kw), za, zb)
+    # the loss is a difference of terms of magnitude w·log(N(N−1)) ≈ 50, each rounded in float32 (chunks sum in
+    # another order): 2e-5 absolute on the value
+    for chunk in (1, 5, 22):
+        part = _value_and_grads(lambda a, b, c=chunk: smi_loss_reference(a, b, chunk_size=c, **kw), za, zb)
+        for x, y in zip(full, part):
+            torch.testing.assert_close(x, y, atol=2e-5, rtol=1e-5)
+    a64, b64 = (x[:7, :6].double().requires_grad_(True) for x in (za, zb))
+    fn = lambda a, b: smi_loss_reference(a, b, compute_dtype=torch.float64, chunk_size=3, **kw)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (a64, b64), eps=1e-6, atol=1e-6)
+
+
+def test_logmeanexp_equals_mean_form_to_first_order():
+    # small correlations: log-mean-exp(φ) = mean(φ) + O(φ²)
+    za, zb = _pair(40, 512, seed=9, noise=50.0)
+    mean = smi_loss(za, zb, neg_weight=4.0, backend="torch")
+    lme = smi_loss(za, zb, neg_weight=4.0, negatives="logmeanexp", backend="torch")
+    assert abs((lme - mean).item()) < 1e-3 * abs(mean.item()) + 1e-5
+    assert lme.item() >= mean.item()  # Jensen: log E exp(φ) ≥ E φ
+
+
+def test_feature_row_removes_a_common_mode():
+    za, zb = _pair(16, 24, seed=2)
+    common = 5.0 * torch.randn(1, 24)  # one direction shared by every sample
+    plain = smi_loss(za, zb, backend="torch", standardize="feature_row")
+    shifted = smi_loss(za + common, zb + common, backend="torch", standardize="feature_row")
+    assert shifted.item() == pytest.approx(plain.item(), abs=1e-5)
+    assert smi_loss(za + common, zb + common, backend="torch").item() != pytest.approx(
+        smi_loss(za, zb, backend="torch").item(), abs=1e-2)
+
+
+def test_unfused_readings_refuse_triton_and_auto_falls_back(monkeypatch):
+    import warnings
+
+    from smi_timm.losses import smi as smi_module
+
+    with pytest.raises(ValueError, match=r"backend='triton' fuses only.*logmeanexp.*backend='torch'"):
+        SMILoss(backend="triton", negatives="logmeanexp")
+    # pretend the device is a GPU with Triton: auto would pick the kernels for the default reading only
+    monkeypatch.setattr(smi_module, "resolve_backend", lambda backend, device: "triton")
+    monkeypatch.setattr(smi_module, "_WARNED_UNFUSED", set())
+    assert smi_module.effective_backend("auto", "cpu") == "triton"
+    with pytest.warns(UserWarning, match="do not compute standardize='feature_row'"):
+        assert smi_module.effective_backend("auto", "cpu", standardize="feature_row") == "torch"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once only
+        assert smi_module.effective_backend("auto", "cpu", standardize="feature_row") == "torch"
+    with pytest.raises(ValueError, match="use backend='torch'"):
+        smi_module.effective_backend("triton", "cpu", negatives="logmeanexp")
+
+
+def test_reading_options_validated_and_shown():
+    with pytest.raises(ValueError, match=r"standardize.*'row', 'feature_row'"):
+        SMILoss(standardize="feature")
+    with pytest.raises(ValueError, match=r"negatives.*'mean', 'logmeanexp'"):
+        smi_loss(torch.randn(4, 5), torch.randn(4, 5), negatives="lse")
+    assert "standardize='feature_row'" in repr(SMILoss(standardize="feature_row"))
+    assert "negatives" not in repr(SMILoss())
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# SimCLR (NT-Xent)
+# ---------------------------------------------------------------------------------------------------------------------
+
+def simclr_float64(za, zb, temperature):
+    """NT-Xent written row by row: for each of the 2N embeddings, −log softmax over the other 2N − 1 at its
+    positive (the other view)."""
+    z = torch.cat([za, zb]).double()
+    u = z / z.norm(dim=1, keepdim=True)
+    m = u.shape[0]
+    n = m // 2
+    total = 0.0
+    for k in range(m):
+        pos = (k + n) % m
+        others = [j for j in range(m) if j != k]
+        logits = torch.stack([u[k] @ u[j] / temperature for j in others])
+        total = total - (u[k] @ u[pos] / temperature - torch.logsumexp(logits, 0))
+    return total / m
+
+
+def simclr_lightly_blocks(za, zb, temperature):
+    """The block form of lightly's ``NTXentLoss`` (memory bank off): [za·zbᵀ, za·zaᵀ without its diagonal] and
+    [zb·zaᵀ, zb·zbᵀ without its diagonal] as the logits, label i in row i."""
+    a, b = (torch.nn.functional.normalize(x.double(), dim=1) for x in (za, zb))
+    n = a.shape[0]
+    off = ~torch.eye(n, dtype=torch.bool)
+    l_ab, l_aa = a @ b.T / temperature, (a @ a.T / temperature)[off].view(n, n - 1)
+    l_ba, l_bb = b @ a.T / temperature, (b @ b.T / temperature)[off].view(n, n - 1)
+    logits = torch.cat([torch.cat([l_ab, l_aa], 1), torch.cat([l_ba, l_bb], 1)])
+    labels = torch.cat([torch.arange(n), torch.arange(n)])
+    return torch.nn.functional.cross_entropy(logits, labels)
+
+
+@pytest.mark.parametrize("n,d", [(2, 2), (3, 5), (17, 64), (65, 3)])
+@pytest.mark.parametrize("temperature", [0.1, 0.5])
+def test_simclr_matches_float64_and_lightly_form(n, d, temperature):
+    from smi_timm.losses import SimCLRLoss, simclr_loss
+
+    za, zb = _pair(n, d, seed=n + 7 * d)
+    za = za * 3.0 + 1.0  # not normalised: the loss normalises
+    _assert_close_to_float64(lambda a, b: simclr_loss(a, b, temperature=temperature),
+                             lambda a, b: simclr_float64(a, b, temperature), za, zb, atol=1e-5, rtol=1e-4)
+    _assert_close_to_float64(lambda a, b: SimCLRLoss(temperature)(a, b),
+                             lambda a, b: simclr_lightly_blocks(a, b, temperature), za, zb, atol=1e-5, rtol=1e-4)
+
+
+def test_simclr_known_values_and_errors():
+    from smi_timm.losses import SimCLRLoss, create_loss
+
+    # two orthogonal pairs of identical views: every row's positive has similarity 1/τ, its two negatives 0
+    za = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    t = 0.5
+    expected = -math.log(math.exp(1 / t) / (math.exp(1 / t) + 2.0))
+    assert SimCLRLoss(t)(za, za.clone()).item() == pytest.approx(expected, rel=1e-6)
+    assert isinstance(create_loss("simclr", temperature=0.2), SimCLRLoss)
+    assert "temperature=0.2" in repr(create_loss("simclr", temperature=0.2))
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        SimCLRLoss(temperature=0.0)
+    for dtype in (torch.float16, torch.bfloat16, torch.float64):
+        assert SimCLRLoss()(za.to(dtype), za.to(dtype)).dtype == torch.float32

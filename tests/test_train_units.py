@@ -88,8 +88,8 @@ def test_parser_has_every_field_and_recipe_defaults():
         build_parser({"learning_rate": 1.0})
     with pytest.raises(ValueError, match="KEY=VALUE"):
         parse_kv(["img_size"])
-    with pytest.raises(ValueError, match="unknown loss 'simclr'"):
-        TrainConfig(loss="simclr").loss_kwargs()
+    with pytest.raises(ValueError, match="unknown loss 'byol'"):
+        TrainConfig(loss="byol").loss_kwargs()
 
 
 def test_optional_numeric_flags_accept_none():

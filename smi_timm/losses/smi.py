@@ -26,6 +26,26 @@ For two batches of embeddings ``za``, ``zb`` of shape ``(N, D)`` (two augmented 
 
        L = −(1/N)·Σ_i φ(ρ_ii) + neg_weight · (1/(N(N−1)))·Σ_{i≠j} φ(ρ_ij)
 
+Two alternative readings, behind options (the defaults above are the library's definition):
+
+- ``standardize="feature_row"`` (default ``"row"``): before step 2, each feature is standardised over the N samples
+  the loss sees (the global batch with ``gather=True``)::
+
+       a ← (a − mean_batch(a)) / sqrt(var_batch(a) + 1e-6)     (biased variance, per feature), the same for b
+
+  then each row is standardised as in step 2; ρ, φ and L are unchanged. The sample-side counterpart of Barlow Twins'
+  batch-standardised features: it removes a common mode across samples and unequal feature variances.
+- ``negatives="logmeanexp"`` (default ``"mean"``): the independence term in the Donsker–Varadhan form::
+
+       L = −(1/N)·Σ_i φ(ρ_ii) + neg_weight · log( (1/(N(N−1)))·Σ_{i≠j} exp(φ(ρ_ij)) )
+
+  which weights strongly dependent negatives more (to first order at small φ it equals the mean form); computed with
+  a max-shifted log-sum-exp in float32.
+
+The fused Triton kernels compute the default reading (``standardize="row"``, ``negatives="mean"``, either
+``transform``); the alternatives run on the torch backend (``backend="auto"`` falls back to it with a one-time
+warning, ``backend="triton"`` refuses them).
+
 Unlike Barlow Twins (a D×D feature cross-correlation) the matrix is N×N: its cost is O(N²·D) and it needs no
 cross-rank synchronisation. With ``gather=False`` (default) each rank computes the loss on its local batch; with
 ``gather=True`` both views are all-gathered with gradients and every rank computes the loss on the global batch
@@ -44,6 +64,7 @@ import importlib.util
 import math
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -53,8 +74,9 @@ from torch.utils.checkpoint import checkpoint
 
 from ._common import VALID_BACKENDS, VALID_TRANSFORMS, check_choice, check_embeddings, gather_with_grad
 
-__all__ = ["SMILoss", "smi_loss", "smi_loss_reference", "standardize_rows", "dependency_matrix", "phi",
-           "resolve_backend", "DEFAULT_NEG_WEIGHT", "DEFAULT_EPS"]
+__all__ = ["SMILoss", "smi_loss", "smi_loss_reference", "standardize_rows", "standardize_features",
+           "dependency_matrix", "phi", "resolve_backend", "is_fused", "DEFAULT_NEG_WEIGHT", "DEFAULT_EPS",
+           "VALID_STANDARDIZE", "VALID_NEGATIVES"]
 
 # Library defaults of the two hyper-parameters, chosen by the neg_weight x eps sweep of the comparison harness on a
 # validation split of CIFAR-10 training images (docs/RESULTS.md, "SMI defaults"). They are tuning values, not part
@@ -63,6 +85,12 @@ DEFAULT_NEG_WEIGHT = 64.0
 DEFAULT_EPS = 1e-3
 
 ROW_STD_EPS = 1e-6
+FEATURE_STD_EPS = 1e-6
+
+#: ``standardize``: rows over their features (the definition) or, first, features over the batch, then rows
+VALID_STANDARDIZE = ("row", "feature_row")
+#: ``negatives``: mean of the off-diagonal φ (the definition) or its log-mean-exp (Donsker–Varadhan form)
+VALID_NEGATIVES = ("mean", "logmeanexp")
 # Default row-chunk: keep one ρ chunk at most 2^24 float32 entries (64 MiB).
 _MAX_CHUNK_ELEMENTS = 1 << 24
 
@@ -73,6 +101,28 @@ def standardize_rows(x: torch.Tensor, dtype: torch.dtype = torch.float32) -> tor
     mean = x.mean(dim=1, keepdim=True)
     var = x.var(dim=1, unbiased=False, keepdim=True)
     return (x - mean) / torch.sqrt(var + ROW_STD_EPS)
+
+
+def standardize_features(x: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Standardise each feature (column) over the batch: (x − mean) / sqrt(biased var + 1e-6), in ``dtype``."""
+    x = x.to(dtype)
+    mean = x.mean(dim=0, keepdim=True)
+    var = x.var(dim=0, unbiased=False, keepdim=True)
+    return (x - mean) / torch.sqrt(var + FEATURE_STD_EPS)
+
+
+def standardize(x: torch.Tensor, how: str = "row", dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The loss's standardisation of one view: ``"row"`` (rows over features) or ``"feature_row"`` (features over
+    the batch, then rows over features)."""
+    if how == "feature_row":
+        return standardize_rows(standardize_features(x, dtype), dtype)
+    check_choice(how, VALID_STANDARDIZE, "standardize")
+    return standardize_rows(x, dtype)
+
+
+def is_fused(standardize: str = "row", negatives: str = "mean") -> bool:
+    """Whether the fused Triton kernels compute this reading (the default one: rows standardised, mean negatives)."""
+    return standardize == "row" and negatives == "mean"
 
 
 def phi(rho: torch.Tensor, eps: float = DEFAULT_EPS, transform: str = "mi") -> torch.Tensor:
@@ -87,27 +137,40 @@ def phi(rho: torch.Tensor, eps: float = DEFAULT_EPS, transform: str = "mi") -> t
 
 
 def dependency_matrix(za: torch.Tensor, zb: torch.Tensor, eps: float = DEFAULT_EPS,
-                      transform: str = "mi") -> torch.Tensor:
+                      transform: str = "mi", standardize: str = "row") -> torch.Tensor:
     """The full N×N dependency matrix φ(ρ) (for analysis and plots; the loss never needs it whole)."""
     check_embeddings(za, zb, "dependency_matrix")
-    a, b = standardize_rows(za), standardize_rows(zb)
+    a, b = _standardize_pair(za, zb, standardize)
     return phi(a @ b.t() / a.shape[1], eps, transform)
 
 
-def _chunk_terms(a_chunk: torch.Tensor, b: torch.Tensor, row0: torch.Tensor, eps: float, transform: str):
-    """For rows [row0, row0 + chunk) of ρ: (Σ φ over the chunk, Σ φ over the chunk's diagonal entries)."""
+def _standardize_pair(za, zb, how: str, dtype: torch.dtype = torch.float32):
+    return standardize(za, how, dtype), standardize(zb, how, dtype)
+
+
+def _chunk_terms(a_chunk: torch.Tensor, b: torch.Tensor, row0: torch.Tensor, eps: float, transform: str,
+                 logmeanexp: bool):
+    """For rows [row0, row0 + chunk) of ρ: (Σ φ over the chunk, Σ φ over the chunk's diagonal entries, and with
+    ``logmeanexp`` the log-sum-exp of φ over the chunk's off-diagonal entries, else 0)."""
     d = a_chunk.shape[1]
     rho = a_chunk @ b.t() / d
     dep = phi(rho, eps, transform)
     rows = torch.arange(a_chunk.shape[0], device=a_chunk.device)
-    diag = dep[rows, rows + row0]
-    return dep.sum(), diag.sum()
+    cols = rows + row0
+    diag = dep[rows, cols]
+    if not logmeanexp:
+        return dep.sum(), diag.sum(), dep.new_zeros(())
+    on_diag = cols.unsqueeze(1) == torch.arange(b.shape[0], device=b.device).unsqueeze(0)
+    lse = torch.logsumexp(dep.masked_fill(on_diag, float("-inf")).flatten(), dim=0)
+    return dep.sum(), diag.sum(), lse
 
 
 def smi_loss_reference(za: torch.Tensor, zb: torch.Tensor, neg_weight: float = DEFAULT_NEG_WEIGHT,
                        eps: float = DEFAULT_EPS, transform: str = "mi", chunk_size: Optional[int] = None,
-                       compute_dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """The SMI loss in plain PyTorch (autograd), chunked over rows of ρ.
+                       compute_dtype: torch.dtype = torch.float32, standardize: str = "row",
+                       negatives: str = "mean") -> torch.Tensor:
+    """The SMI loss in plain PyTorch (autograd), chunked over rows of ρ; every reading (``standardize``,
+    ``negatives``, ``transform``) of the module docstring.
 
     ``chunk_size`` rows of ρ are formed at a time; when there is more than one chunk each is recomputed in the
     backward pass (activation checkpointing), so that peak extra memory is O(N·D + chunk_size·N) instead of O(N²).
@@ -116,23 +179,23 @@ def smi_loss_reference(za: torch.Tensor, zb: torch.Tensor, neg_weight: float = D
     """
     check_embeddings(za, zb, "smi_loss")
     check_choice(transform, VALID_TRANSFORMS, "transform")
+    check_choice(standardize, VALID_STANDARDIZE, "standardize")
+    lme = check_choice(negatives, VALID_NEGATIVES, "negatives") == "logmeanexp"
     n = za.shape[0]
     if chunk_size is None:
         chunk_size = max(1, _MAX_CHUNK_ELEMENTS // n)
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive number of rows, got {chunk_size}")
-    a, b = standardize_rows(za, compute_dtype), standardize_rows(zb, compute_dtype)
+    a, b = _standardize_pair(za, zb, standardize, compute_dtype)
     if chunk_size >= n:
-        total, diag = _chunk_terms(a, b, torch.zeros((), dtype=torch.long), eps, transform)
+        total, diag, lse = _chunk_terms(a, b, torch.zeros((), dtype=torch.long), eps, transform, lme)
     else:
-        total = a.new_zeros(())
-        diag = a.new_zeros(())
-        for start in range(0, n, chunk_size):
-            row0 = torch.tensor(start, device=a.device)
-            t, dg = checkpoint(_chunk_terms, a[start:start + chunk_size], b, row0, eps, transform,
-                               use_reentrant=False)
-            total = total + t
-            diag = diag + dg
+        parts = [checkpoint(_chunk_terms, a[start:start + chunk_size], b, torch.tensor(start, device=a.device),
+                            eps, transform, lme, use_reentrant=False) for start in range(0, n, chunk_size)]
+        total, diag, lse = (torch.stack(p) for p in zip(*parts))
+        total, diag, lse = total.sum(), diag.sum(), torch.logsumexp(lse, dim=0)
+    if lme:
+        return -diag / n + neg_weight * (lse - math.log(n * (n - 1)))
     return -diag / n + neg_weight * (total - diag) / (n * (n - 1))
 
 
@@ -195,22 +258,52 @@ def resolve_backend(backend: str, device) -> str:
     return backend
 
 
+_WARNED_UNFUSED = set()
+
+
+def _refuse_unfused(standardize: str, negatives: str) -> None:
+    raise ValueError(f"backend='triton' fuses only standardize='row', negatives='mean'; standardize={standardize!r}, "
+                     f"negatives={negatives!r} runs on the torch reference: use backend='torch' (or 'auto', which "
+                     f"falls back to it)")
+
+
+def effective_backend(backend: str, device, standardize: str = "row", negatives: str = "mean") -> str:
+    """The backend that runs this reading on ``device``: :func:`resolve_backend`, except that a reading the fused
+    kernels do not compute (:func:`is_fused`) runs on torch: ``backend="auto"`` falls back with a one-time
+    warning, ``backend="triton"`` raises."""
+    resolved = resolve_backend(backend, device)
+    if resolved != "triton" or is_fused(standardize, negatives):
+        return resolved
+    if backend == "triton":
+        _refuse_unfused(standardize, negatives)
+    what = f"standardize={standardize!r}, negatives={negatives!r}"
+    if what not in _WARNED_UNFUSED:
+        _WARNED_UNFUSED.add(what)
+        warnings.warn(f"SMI loss: the fused Triton kernels do not compute {what}; using the torch reference "
+                      f"(backend='torch' silences this warning)", stacklevel=3)
+    return "torch"
+
+
 def smi_loss(za: torch.Tensor, zb: torch.Tensor, neg_weight: float = DEFAULT_NEG_WEIGHT, eps: float = DEFAULT_EPS,
              transform: str = "mi", gather: bool = False, backend: str = "auto",
-             chunk_size: Optional[int] = None, allow_tf32: bool = False) -> torch.Tensor:
+             chunk_size: Optional[int] = None, allow_tf32: bool = False, standardize: str = "row",
+             negatives: str = "mean") -> torch.Tensor:
     """Functional SMI loss; see :class:`SMILoss` and the module docstring for the formula. Returns a float32 scalar."""
     check_choice(transform, VALID_TRANSFORMS, "transform")
     check_choice(backend, VALID_BACKENDS, "backend")
+    check_choice(standardize, VALID_STANDARDIZE, "standardize")
+    check_choice(negatives, VALID_NEGATIVES, "negatives")
     check_embeddings(za, zb, "smi_loss")
     if eps <= 0 and transform == "mi":
         raise ValueError(f"eps must be > 0 for transform='mi' (φ is unbounded at |ρ| = 1 otherwise), got {eps}")
     if gather:
         za, zb = gather_with_grad(za), gather_with_grad(zb)
-    if resolve_backend(backend, za.device) == "triton":
+    if effective_backend(backend, za.device, standardize, negatives) == "triton":
         kernels = _load_kernels()
         return kernels.smi_loss_triton(za, zb, neg_weight=neg_weight, eps=eps, transform=transform,
                                        allow_tf32=allow_tf32)
-    return smi_loss_reference(za, zb, neg_weight=neg_weight, eps=eps, transform=transform, chunk_size=chunk_size)
+    return smi_loss_reference(za, zb, neg_weight=neg_weight, eps=eps, transform=transform, chunk_size=chunk_size,
+                              standardize=standardize, negatives=negatives)
 
 
 class SMILoss(nn.Module):
@@ -225,6 +318,10 @@ class SMILoss(nn.Module):
             {1, 4, 16, 64, 256} in the CIFAR-10 sweep of docs/RESULTS.md (ResNet-18, 1024-d projector, batch 128).
         eps: smoothing ε of the Gaussian MI map; bounds φ by ½·log(1+1/ε). Default 1e-3, from the same sweep.
         transform: ``"mi"`` (default) or ``"square"`` (ablation).
+        standardize: ``"row"`` (default: each row over its D features) or ``"feature_row"`` (first each feature
+            over the batch, then each row; an alternative reading, torch backend).
+        negatives: ``"mean"`` (default: mean off-diagonal φ) or ``"logmeanexp"`` (``log`` of the mean of
+            ``exp(φ)``: the Donsker–Varadhan form, an alternative reading, torch backend).
         gather: all-gather both views across ranks (with gradients) and compute the loss on the global batch.
         backend: ``"auto"`` (Triton on CUDA, torch otherwise; see :func:`resolve_backend`), ``"torch"`` or
             ``"triton"``.
@@ -238,33 +335,40 @@ class SMILoss(nn.Module):
 
     def __init__(self, neg_weight: float = DEFAULT_NEG_WEIGHT, eps: float = DEFAULT_EPS, transform: str = "mi",
                  gather: bool = False, backend: str = "auto", chunk_size: Optional[int] = None,
-                 allow_tf32: bool = False):
+                 allow_tf32: bool = False, standardize: str = "row", negatives: str = "mean"):
         super().__init__()
         self.neg_weight = float(neg_weight)
         self.eps = float(eps)
         self.transform = check_choice(transform, VALID_TRANSFORMS, "transform")
+        self.standardize = check_choice(standardize, VALID_STANDARDIZE, "standardize")
+        self.negatives = check_choice(negatives, VALID_NEGATIVES, "negatives")
         self.gather = bool(gather)
         self.backend = check_choice(backend, VALID_BACKENDS, "backend")
         self.chunk_size = chunk_size
         self.allow_tf32 = bool(allow_tf32)
         if self.transform == "mi" and self.eps <= 0:
             raise ValueError(f"eps must be > 0 for transform='mi', got {eps}")
+        if self.backend == "triton" and not is_fused(self.standardize, self.negatives):
+            _refuse_unfused(self.standardize, self.negatives)
 
     def forward(self, za: torch.Tensor, zb: torch.Tensor) -> torch.Tensor:
         return smi_loss(za, zb, neg_weight=self.neg_weight, eps=self.eps, transform=self.transform,
                         gather=self.gather, backend=self.backend, chunk_size=self.chunk_size,
-                        allow_tf32=self.allow_tf32)
+                        allow_tf32=self.allow_tf32, standardize=self.standardize, negatives=self.negatives)
 
     def precompile(self, n: int, d: int, dtype: torch.dtype, device) -> float:
         """Compile, ahead of the first step, the kernels this loss will launch for a (n, d) batch of ``dtype`` on
         ``device`` (``n``: the batch the loss sees, i.e. the global one with ``gather=True``); returns the seconds
         it took, 0.0 when the torch backend will run. See :func:`smi_timm.kernels.precompile`."""
-        if resolve_backend(self.backend, device) != "triton":
+        if effective_backend(self.backend, device, self.standardize, self.negatives) != "triton":
             return 0.0
         return _load_kernels().precompile(n, d, dtype, device, neg_weight=self.neg_weight, eps=self.eps,
                                           transform=self.transform, allow_tf32=self.allow_tf32)
 
     def extra_repr(self) -> str:
         tf32 = ", allow_tf32=True" if self.allow_tf32 else ""
-        return (f"neg_weight={self.neg_weight}, eps={self.eps}, transform={self.transform!r}, gather={self.gather}, "
-                f"backend={self.backend!r}{tf32}")
+        reading = "".join(f", {k}={getattr(self, k)!r}" for k, default in (("standardize", "row"),
+                                                                          ("negatives", "mean"))
+                          if getattr(self, k) != default)
+        return (f"neg_weight={self.neg_weight}, eps={self.eps}, transform={self.transform!r}{reading}, "
+                f"gather={self.gather}, backend={self.backend!r}{tf32}")

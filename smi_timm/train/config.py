@@ -12,6 +12,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
+from ..losses.simclr import DEFAULT_TEMPERATURE
 from ..losses.smi import DEFAULT_EPS, DEFAULT_NEG_WEIGHT
 
 __all__ = ["TrainConfig", "build_parser", "config_from_args", "parse_kv"]
@@ -58,8 +59,12 @@ class TrainConfig:
     augment_device: str = _f("auto", "where the two views are decoded and augmented: auto (on the GPU when "
                                      "training on one, else in the CPU workers), cpu, or device")
     # loss
-    loss: str = _f("smi", "smi, barlow or vicreg")
+    loss: str = _f("smi", "smi, barlow, vicreg or simclr")
     transform: str = _f("mi", "SMI dependency map: mi (Gaussian MI) or square (ablation)")
+    standardize: str = _f("row", "SMI standardisation: row (each sample over its features) or feature_row (first "
+                                 "each feature over the batch; an alternative reading, torch backend)")
+    negatives: str = _f("mean", "SMI independence term: mean (of phi over the negatives) or logmeanexp "
+                                "(Donsker-Varadhan form; an alternative reading, torch backend)")
     neg_weight: float = _f(DEFAULT_NEG_WEIGHT, "SMI weight of the mean off-diagonal dependency")
     eps: float = _f(DEFAULT_EPS, "SMI smoothing epsilon")
     gather: bool = _f(False, "compute the loss on the global batch (all-gather with gradients)")
@@ -67,6 +72,7 @@ class TrainConfig:
     sim_coeff: float = _f(25.0, "VICReg invariance weight")
     std_coeff: float = _f(25.0, "VICReg variance weight")
     cov_coeff: float = _f(1.0, "VICReg covariance weight")
+    temperature: float = _f(DEFAULT_TEMPERATURE, "SimCLR softmax temperature")
     loss_backend: str = _f("auto", "SMI backend: auto (Triton on CUDA), torch or triton")
     # optimisation
     optimizer: str = _f("lars", "lars, adamw or sgd")
@@ -109,13 +115,15 @@ class TrainConfig:
     def loss_kwargs(self) -> Dict[str, Any]:
         if self.loss == "smi":
             return dict(neg_weight=self.neg_weight, eps=self.eps, transform=self.transform, gather=self.gather,
-                        backend=self.loss_backend)
+                        backend=self.loss_backend, standardize=self.standardize, negatives=self.negatives)
         if self.loss == "barlow":
             return dict(lambd=self.lambd, gather=self.gather)
         if self.loss == "vicreg":
             return dict(sim_coeff=self.sim_coeff, std_coeff=self.std_coeff, cov_coeff=self.cov_coeff,
                         gather=self.gather)
-        raise ValueError(f"unknown loss {self.loss!r}; valid values are: 'smi', 'barlow', 'vicreg'")
+        if self.loss == "simclr":
+            return dict(temperature=self.temperature, gather=self.gather)
+        raise ValueError(f"unknown loss {self.loss!r}; valid values are: 'smi', 'barlow', 'vicreg', 'simclr'")
 
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
