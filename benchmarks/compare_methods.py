@@ -81,8 +81,8 @@ REPO = Path(__file__).resolve().parents[1]
 METHODS: Dict[str, Dict[str, Any]] = {
     "smi": dict(loss="smi", transform="mi", neg_weight=1.0, eps=1e-3),
     "smi-square": dict(loss="smi", transform="square", neg_weight=1.0, eps=1e-3),
-    "barlow": dict(loss="barlow", lambd=0.0051),
-    "vicreg": dict(loss="vicreg", sim_coeff=25.0, std_coeff=25.0, cov_coeff=1.0),
+    "barlow": dict(loss="barlow"),  # the published settings: the loss's own defaults (smi_timm.losses.LOSSES)
+    "vicreg": dict(loss="vicreg"),
     # the lr phase at temperature 0.2 (the middle of the simclr phase's grid), pinned like SMI's settings above
     "simclr": dict(loss="simclr", temperature=0.2),
 }
@@ -146,8 +146,11 @@ def run_name(method: str, lr: float, seed: int, steps: int, extra: Dict[str, Any
 
 
 def run_settings(preset, method, extra) -> Dict[str, Any]:
-    """Training settings of one run: the preset's, then the method's, then the run's extra ones (later keys win)."""
-    return {**preset["train"], **METHODS[method], **extra}
+    """Training settings of one run: the preset's, then the method's, then the run's extra ones (later keys win);
+    ``--loss-backend`` applies to the SMI runs."""
+    backend = {"loss_backend": preset["smi_backend"]} if preset.get("smi_backend") and \
+        METHODS[method]["loss"] == "smi" else {}
+    return {**preset["train"], **METHODS[method], **backend, **extra}
 
 
 def export_dir(out, run_id: str) -> Path:
@@ -166,12 +169,13 @@ def evaluate_export(export: str, preset, bank, query, *, augment: str, out: str)
     images) of an exported backbone, as record fields: ``knn200_top1``, ``knn20_top1``, ``linear_top1``, ...,
     ``metrics`` (``{"features": {...}, "embeddings": {...}}``)."""
     from smi_timm.analysis import measure
-    from smi_timm.eval import run_knn, run_linear
+    from smi_timm.eval import EvalSettings, evaluate
 
     workers = preset["train"]["workers"]  # the evaluation loaders get the training loader's workers
-    common = dict(workers=workers, progress=False, quiet=True, cache_dir=str(Path(out) / "features"))
-    knn = run_knn(export, bank, query, k=200, extra_k=(20,), **common)
-    lin = run_linear(export, bank, query, epochs=preset["probe_epochs"], **common)
+    settings = EvalSettings(workers=workers, progress=False, cache_dir=str(Path(out) / "features"), k=200,
+                            extra_k=(20,), probe_epochs=preset["probe_epochs"])
+    both = evaluate(export, bank, query, settings)  # one extraction for kNN and the probe
+    knn, lin = both["knn"], both["linear"]
     m = measure(export, query, num_samples=preset["metric_samples"], augment=augment, views="ssl", workers=workers)
     keep = ("dim", "rankme", "effective_rank", "alignment", "alignment_centered", "cross_view_corr", "uniformity",
             "redundancy")
@@ -209,9 +213,9 @@ def train_and_eval(args, preset, splits, method, lr, seed, steps, extra, eval_mo
         every = max(1, round(preset["eval_every"] * preset["train"]["batch_size"] / settings["batch_size"]))
         monitor = dict(eval_train=splits["val_bank"], eval_test=splits["test_query"], eval_every=every,
                        eval_image_size=settings["image_size"])
-    cfg = TrainConfig(**settings, **monitor, data=splits["train"], lr=lr, seed=seed, max_steps=steps,
-                      save_every=max(steps // 2, 1), keep_last=1, output_dir=str(run_dir), progress=args.progress,
-                      resume="auto")
+    cfg = TrainConfig.from_dict(dict(settings, **monitor, data=splits["train"], lr=lr, seed=seed, max_steps=steps,
+                                     save_every=max(steps // 2, 1), keep_last=1, output_dir=str(run_dir),
+                                     progress=args.progress, resume="auto"))
     t0 = time.perf_counter()
     res = train(cfg)
     train_s = time.perf_counter() - t0
@@ -345,12 +349,12 @@ def simclr_choice(records, steps, criterion: str = "linear") -> Tuple[float, Dic
 def fixed_settings(preset, methods: Sequence[str]) -> Dict[str, Tuple[float, Dict[str, Any]]]:
     """``--fixed-settings``: no sweep records; every method at the preset's first learning rate, SMI at the library's
     ``neg_weight`` / ``eps`` and SMI-square at its ``neg_weight``."""
-    from smi_timm.losses.simclr import DEFAULT_TEMPERATURE
-    from smi_timm.losses.smi import DEFAULT_EPS, DEFAULT_NEG_WEIGHT
+    from smi_timm.losses import LOSSES
 
-    extras = {"smi": {"neg_weight": float(DEFAULT_NEG_WEIGHT), "eps": float(DEFAULT_EPS)},
-              "smi-square": {"neg_weight": float(DEFAULT_NEG_WEIGHT)},
-              "simclr": {"temperature": float(DEFAULT_TEMPERATURE)}}
+    smi, simclr = LOSSES["smi"].defaults(), LOSSES["simclr"].defaults()
+    extras = {"smi": {"neg_weight": float(smi["neg_weight"]), "eps": float(smi["eps"])},
+              "smi-square": {"neg_weight": float(smi["neg_weight"])},
+              "simclr": {"temperature": float(simclr["temperature"])}}
     return {m: (float(preset["lrs"][0]), dict(extras.get(m, {}))) for m in methods}
 
 
@@ -584,7 +588,9 @@ def phase_transfer(args, preset):
     """Every final run's exported backbone, and the random-init floor, frozen, on the transfer set: kNN (k=20 and
     k=5, T=0.1) and the linear probe at the pretraining resolution and at 64 px. One record per backbone
     (``OUT/runs/*_transfer.json``)."""
+    from smi_timm.eval import EvalSettings
     from smi_timm.eval.transfer import run_transfer
+    from smi_timm.resolve import BackboneSource
 
     train, test = transfer_splits(args)
     t = preset["train"]
@@ -597,12 +603,11 @@ def phase_transfer(args, preset):
         path = Path(args.out) / "runs" / f"{name}_transfer.json"
         if k % n != i or path.is_file():
             continue
-        res = run_transfer(weights, train, test, image_sizes=sizes, ks=TRANSFER_KS, T=0.1,
-                           epochs=preset["probe_epochs"], model=t["model"] if weights == "random" else None,
-                           cifar_stem=t["cifar_stem"] if weights == "random" else False, workers=t["workers"],
-                           progress=False,
-                           quiet=True, cache_dir=str(Path(args.out) / "features"),
-                           max_batches=preset.get("transfer_max_batches"))
+        settings = EvalSettings(k=TRANSFER_KS[0], extra_k=TRANSFER_KS[1:], T=0.1, probe_epochs=preset["probe_epochs"],
+                                workers=t["workers"], progress=False, cache_dir=str(Path(args.out) / "features"),
+                                max_batches=preset.get("transfer_max_batches"))
+        source = BackboneSource.of(weights, model=t["model"], cifar_stem=t["cifar_stem"])
+        res = run_transfer(source, train, test, settings, image_sizes=sizes)
         record = dict(fields, run_id=name, eval="transfer", transfer=res, date=str(date.today()),
                       hardware=hardware(_device()))
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -963,7 +968,7 @@ def main(argv=None) -> int:
     if args.workers is not None:
         preset["train"]["workers"] = args.workers
     if args.loss_backend is not None:
-        preset["train"]["loss_backend"] = args.loss_backend
+        preset["smi_backend"] = args.loss_backend
     if args.threads:
         import torch
 

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from smi_timm.eval import run_knn
+from smi_timm.eval import EvalSettings, run_knn
 
 import compare_methods as harness  # benchmarks/ is on sys.path when this file runs as a script
 from _common import hardware
@@ -68,7 +68,7 @@ def main(argv=None) -> int:
         run_dir = out / "train" / tag
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(nproc),
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               "--main_process_port", str(_free_port()), "-m", "smi_timm.train.cli",
+               "--main_process_port", str(_free_port()), "-m", "smi_timm.cli.pretrain",
                "--model", t["model"], "--no-cifar-stem", "--image-size", str(t["image_size"]),
                "--projector", t["projector"], "--augment", t["augment"], "--batch-size", str(per_rank),
                "--workers", str(t["workers"]), "--optimizer", t["optimizer"], "--lr", str(lr),
@@ -87,8 +87,8 @@ def main(argv=None) -> int:
         train_s = time.perf_counter() - t0
         if proc.returncode != 0:
             raise SystemExit(f"{mode} run failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
-        knn = run_knn(str(run_dir / "export"), splits["val_bank"], splits["val_query"], workers=1, progress=False,
-                      quiet=True)
+        knn = run_knn(str(run_dir / "export"), splits["val_bank"], splits["val_query"],
+                      EvalSettings(workers=1, progress=False))
         record = dict(mode=mode, processes=nproc, batch_per_process=per_rank, lr=lr, extra=extra, steps=steps,
                       lr_biases=None if args.lr_biases.lower() == "none" else float(args.lr_biases),
                       val_knn_top1=knn["top1"], val_knn_top5=knn["top5"], train_seconds=round(train_s, 1),

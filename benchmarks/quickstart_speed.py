@@ -1,8 +1,10 @@
 """Training speed of the quick start's configuration: this tree against an earlier revision, in one run.
 
-Both versions train ``smi_timm.quickstart.QUICKSTART`` (their own copy of it: same model, data, batch and loader
-workers) for ``--steps`` steps in fresh subprocesses, alternating, ``--repeats`` times each; the speed is the steps
-per second between the first and the last log step (so start-up, compilation and the first batches do not count).
+Both versions train the quick start's configuration (``QUICKSTART`` of ``smi_timm.cli.quickstart``, or of
+``smi_timm.quickstart`` in revisions before the command lines moved; each its own copy: same model, data, batch
+and loader workers) for ``--steps`` steps in fresh subprocesses, alternating, ``--repeats`` times each; the speed is
+the steps per second between the first and the last log step (so start-up, compilation and the first batches do not
+count).
 The earlier revision is extracted with ``git archive`` into a temporary folder and imported from there.
 
     python benchmarks/quickstart_speed.py --baseline-ref 71f0e37 --steps 80 --repeats 2
@@ -29,11 +31,16 @@ REPO = Path(__file__).resolve().parents[1]
 # Run in the subprocess: train the quick-start configuration, time the log steps.
 CHILD = """
 import json, sys, tempfile, time
-from smi_timm.quickstart import QUICKSTART
 from smi_timm.train import TrainConfig, train
+try:
+    from smi_timm.cli.quickstart import QUICKSTART, QUICKSTART_LOSS_ARGS
+    extra = dict(loss_args=QUICKSTART_LOSS_ARGS.get(QUICKSTART["loss"], {}))
+except ImportError:  # revisions before smi_timm.cli
+    from smi_timm.quickstart import QUICKSTART
+    extra = {}
 stamps = []
 cfg = dict(QUICKSTART, max_steps=int(sys.argv[1]), log_every=10, save_every=0, progress=False, export=False,
-           output_dir=tempfile.mkdtemp())
+           output_dir=tempfile.mkdtemp(), **extra)
 cfg.pop("eval_train", None); cfg.pop("eval_test", None)
 train(TrainConfig(**cfg), on_step=lambda step, record: stamps.append((step, time.perf_counter())))
 (s0, t0), (s1, t1) = stamps[0], stamps[-1]

@@ -32,12 +32,12 @@ TRIALS = [
 ONE = """
 import json, sys, torch
 torch.set_num_threads(1)
-from smi_timm.quickstart import QUICKSTART, knn_pretrained_vs_random
+from smi_timm.cli.quickstart import QUICKSTART, knn_pretrained_vs_random
 from smi_timm.train import TrainConfig, train
 over, steps, out = json.loads(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
 s = dict(QUICKSTART, output_dir=out, progress=False, max_steps=steps, save_every=10 ** 9, export=False)
 s.update(over)
-res = train(TrainConfig(**s))
+res = train(TrainConfig.from_dict(s))
 knn = knn_pretrained_vs_random(res.model.backbone, s["model"], s["cifar_stem"], s["image_size"], workers=0)
 print(json.dumps({"settings": over, "knn": knn, "images_per_s": res.images_per_s}))
 """

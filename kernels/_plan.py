@@ -30,6 +30,8 @@ from typing import Optional, Tuple
 
 import torch
 
+from ..errors import ConfigError
+
 TRANSFORMS = ("mi", "square")
 TRANSFORM_ID = {"mi": 0, "square": 1}
 
@@ -114,12 +116,12 @@ class TileConfig:
         for name in ("block_m", "block_n", "block_k"):
             v = getattr(self, name)
             if not _pow2(v) or v < 16:
-                raise ValueError(f"TileConfig.{name} must be a power of two >= 16 (tl.dot needs 16), got {v!r}")
+                raise ConfigError(f"TileConfig.{name} must be a power of two >= 16 (tl.dot needs 16), got {v!r}")
         for name in ("num_warps", "split_k", "group_m"):
             if not _pow2(getattr(self, name)):
-                raise ValueError(f"TileConfig.{name} must be a power of two, got {getattr(self, name)!r}")
+                raise ConfigError(f"TileConfig.{name} must be a power of two, got {getattr(self, name)!r}")
         if not isinstance(self.num_stages, int) or self.num_stages < 1:
-            raise ValueError(f"TileConfig.num_stages must be a positive int, got {self.num_stages!r}")
+            raise ConfigError(f"TileConfig.num_stages must be a positive int, got {self.num_stages!r}")
 
 
 @dataclass(frozen=True)
@@ -138,12 +140,12 @@ class KernelConfig:
 
     def __post_init__(self):
         if self.grad.split_k != 1:
-            raise ValueError(f"KernelConfig.grad.split_k must be 1, got {self.grad.split_k}")
+            raise ConfigError(f"KernelConfig.grad.split_k must be 1, got {self.grad.split_k}")
         for name in ("rows", "block_d", "row_warps"):
             if not _pow2(getattr(self, name)):
-                raise ValueError(f"KernelConfig.{name} must be a power of two, got {getattr(self, name)!r}")
+                raise ConfigError(f"KernelConfig.{name} must be a power of two, got {getattr(self, name)!r}")
         if self.rows * self.block_d < 32:
-            raise ValueError(f"KernelConfig.rows * block_d must be >= 32, got {self.rows} * {self.block_d}")
+            raise ConfigError(f"KernelConfig.rows * block_d must be >= 32, got {self.rows} * {self.block_d}")
 
 
 def _smem_rich(capability: Tuple[int, int]) -> bool:

@@ -2,18 +2,18 @@
 
 Three kernels, three launches per forward + backward in non-streaming mode:
 
-* ``_standardize_kernel``  ROWS rows per program: per-row mean and inverse std of ``za`` and ``zb`` (fp32), the
+* ``standardize_kernel``  ROWS rows per program: per-row mean and inverse std of ``za`` and ``zb`` (fp32), the
   standardised rows written in the compute dtype, the fp32 diagonal correlation rho_ii with phi(rho_ii) and
   phi'(rho_ii), and the row sums of the stored and of the fp32 standardised rows. Program 0 also zeroes the tile
   counters of the workspace.
-* ``_rho_kernel``          one program per (BLOCK_M x BLOCK_N) tile of rho = ahat @ bhat.T / D (or per split of
+* ``rho_kernel``          one program per (BLOCK_M x BLOCK_N) tile of rho = ahat @ bhat.T / D (or per split of
   its D reduction) with a fused epilogue: phi of the off-diagonal entries summed into one partial per tile,
   H = c * phi'(rho) (zero on the diagonal) stored in the compute dtype, and the four row / column sums the
   standardisation backward needs (sum_j H_ij sb_j, sum_j H_ij rho_ij and their column twins). Cross-program
   reductions are deterministic: partials are written to the workspace, and the last program to finish a tile row,
   a tile column or the whole matrix (an int32 counter, reset after use) adds them in a fixed order. That program
   also writes the loss.
-* ``_grad_kernel``         the two gradient products H @ bhat and H.T @ ahat in one launch (programs
+* ``grad_kernel``         the two gradient products H @ bhat and H.T @ ahat in one launch (programs
   [0, tiles_a) do side a, the rest side b), with the standardisation backward, the diagonal term and the upstream
   gradient applied in the epilogue: dz is written directly in the input dtype.
 
@@ -103,7 +103,7 @@ def _counters(wsf_ptr, off_cnt):
 # row standardisation (+ diagonal correlation)
 # ------------------------------------------------------------------------------------------------------------------
 @triton.jit(do_not_specialize=["N"])
-def _standardize_kernel(
+def standardize_kernel(
     za_ptr, zb_ptr, wsc_ptr, wsf_ptr,
     N, D, Dp, Np, s_am, s_ad, s_bm, s_bd, off_bhat, off_cnt, n_cnt,
     eps, log1p_eps, inv_D,
@@ -226,7 +226,7 @@ def _finish_loss(wsf_ptr, loss_ptr, N, Np, n_parts, off_lpart, inv_N, coef_off, 
 
 
 @triton.jit(do_not_specialize=["M", "N", "row0", "write_h", "do_sums", "do_loss"])
-def _rho_kernel(
+def rho_kernel(
     wsc_ptr, wsf_ptr, h_ptr, loss_ptr,
     M, N, D, Dp, Np, row0,
     off_bhat, off_h, off_rowpart, off_colpart, off_lpart, off_split, off_cnt,
@@ -433,7 +433,7 @@ def _grad_tile(
 
 
 @triton.jit(do_not_specialize=["M", "N", "row0", "side_a", "b_mode"])
-def _grad_kernel(
+def grad_kernel(
     za_ptr, zb_ptr, dza_ptr, dzb_ptr, wsc_ptr, wsf_ptr, h_ptr, acc_ptr, go_ptr,
     N, D, Dp, Np, M, row0, s_am, s_ad, s_bm, s_bd, off_bhat, off_h, side_a, b_mode,
     coef_off, inv_N, inv_D, inv_D2,
@@ -455,4 +455,4 @@ def _grad_kernel(
 
 
 # The kernels the loss launches.
-LAUNCHED = ("_standardize_kernel", "_rho_kernel", "_grad_kernel")
+LAUNCHED = ("standardize_kernel", "rho_kernel", "grad_kernel")

@@ -17,6 +17,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 import triton
 
+from ..errors import ConfigError, InputError
 from . import _smi_kernels as K
 from ._plan import (
     TRANSFORM_ID,
@@ -57,7 +58,7 @@ def _config_tuple(config: Optional[KernelConfig]) -> Tuple[int, ...]:
     if config is None:
         return ()
     if not isinstance(config, KernelConfig):
-        raise ValueError(f"config must be a smi_timm.kernels.KernelConfig or None, got {type(config).__name__}")
+        raise ConfigError(f"config must be a smi_timm.kernels.KernelConfig or None, got {type(config).__name__}")
     return astuple(config.rho) + astuple(config.grad) + (config.rows, config.block_d, config.row_warps)
 
 
@@ -71,15 +72,15 @@ def _config_from_tuple(t: Sequence[int]) -> Optional[KernelConfig]:
 
 def _validate_options(neg_weight, eps, transform, streaming, block_rows):
     if transform not in TRANSFORMS:
-        raise ValueError(f"unknown transform {transform!r}; valid values: {', '.join(TRANSFORMS)}")
+        raise ConfigError(f"unknown transform {transform!r}; valid values: {', '.join(TRANSFORMS)}")
     if not isinstance(eps, (int, float)) or (transform == "mi" and not eps > 0):
-        raise ValueError(f"eps must be > 0 for the 'mi' transform, got {eps!r}")
+        raise ConfigError(f"eps must be > 0 for the 'mi' transform, got {eps!r}")
     if not isinstance(neg_weight, (int, float)) or not math.isfinite(neg_weight):
-        raise ValueError(f"neg_weight must be a finite number, got {neg_weight!r}")
+        raise ConfigError(f"neg_weight must be a finite number, got {neg_weight!r}")
     if block_rows is not None and (isinstance(block_rows, bool) or not isinstance(block_rows, int) or block_rows < 1):
-        raise ValueError(f"block_rows must be a positive int, got {block_rows!r}")
+        raise ConfigError(f"block_rows must be a positive int, got {block_rows!r}")
     if streaming is not None and not isinstance(streaming, bool):
-        raise ValueError(f"streaming must be None, True or False, got {streaming!r}")
+        raise ConfigError(f"streaming must be None, True or False, got {streaming!r}")
 
 
 def _build_plan(n, d, dta, dtb, dev, neg_weight, eps, transform, streaming, block_rows, allow_tf32, autotune,
@@ -175,10 +176,10 @@ def _tuner(kind: str, plan: _Plan):
             configs.append(triton.Config(kw, num_warps=t.num_warps, num_stages=t.num_stages))
         extra = dict(do_bench=_interpreter_bench) if INTERPRET else {}
         if kind == "rho":
-            tuner = triton.autotune(configs=configs, key=["M", "N", "D"], **extra)(K._rho_kernel)
+            tuner = triton.autotune(configs=configs, key=["M", "N", "D"], **extra)(K.rho_kernel)
         else:  # the streamed side-b products accumulate into acc_ptr: restore it between candidates
             tuner = triton.autotune(configs=configs, key=["M", "N", "D"], restore_value=["acc_ptr"], **extra)(
-                K._grad_kernel)
+                K.grad_kernel)
         _TUNERS[key] = tuner
     return tuner
 
@@ -194,14 +195,14 @@ def _go(kernel, grid, args, meta, warm):
 
 def _launch_std(p: _Plan, za, zb, ws_c, ws_f, sa, sb, warm=False):
     lay = p.lay
-    _go(K._standardize_kernel, p.std_grid,
+    _go(K.standardize_kernel, p.std_grid,
         (za, zb, ws_c, ws_f, p.n, p.d, p.dp, p.np_, sa[0], sa[1], sb[0], sb[1], lay.off_bhat, lay.off_cnt,
          lay.n_cnt, p.eps, p.log1p_eps, p.inv_d), p.std_meta, warm)
 
 
 def _launch_rho(p: _Plan, ws_c, ws_f, h, loss, m, row0, off_h, write_h, sums, do_loss, grid, warm=False):
     lay = p.lay
-    kernel = _tuner("rho", p) if p.autotune and p.has_off else K._rho_kernel
+    kernel = _tuner("rho", p) if p.autotune and p.has_off else K.rho_kernel
     _go(kernel, grid,
         (ws_c, ws_f, h, loss, m, p.n, p.d, p.dp, p.np_, row0, lay.off_bhat, off_h, lay.off_rowpart,
          lay.off_colpart, lay.off_lpart, lay.off_split, lay.off_cnt, write_h, sums, do_loss, p.eps, p.log1p_eps,
@@ -218,7 +219,7 @@ def _launch_grad(p: _Plan, za, zb, dza, dzb, ws_c, ws_f, h, acc, go, sa, sb, m, 
             per = cdiv(d, meta["BLOCK_N"])
             return (side_a * cdiv(m, meta["BLOCK_M"]) * per + side_b * cdiv(n, meta["BLOCK_M"]) * per,)
     else:
-        kernel, g = K._grad_kernel, p.cfg.grad
+        kernel, g = K.grad_kernel, p.cfg.grad
         per = cdiv(p.d, g.block_n)
         grid = (side_a * cdiv(m, g.block_m) * per + side_b * cdiv(p.n, g.block_m) * per,)
     _go(kernel, grid,
@@ -271,7 +272,7 @@ def _on_device(dev: int, fn, *args):
 def _check_device(t):
     if t.is_cuda or (INTERPRET and t.device.type == "cpu"):
         return
-    raise RuntimeError(
+    raise InputError(
         f"smi_loss_triton runs on CUDA tensors (or on CPU tensors under TRITON_INTERPRET=1, set before Triton is "
         f"imported); got a tensor on {t.device}. Use the torch backend of the SMI loss instead."
     )
@@ -380,20 +381,20 @@ if CUSTOM_OP:  # torch >= 2.4
 def _check_pair(za, zb):
     for name, t in (("za", za), ("zb", zb)):
         if not isinstance(t, torch.Tensor):
-            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+            raise ConfigError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
         if t.ndim != 2:
-            raise ValueError(f"{name} must be 2-D (N, D), got shape {tuple(t.shape)}")
+            raise ConfigError(f"{name} must be 2-D (N, D), got shape {tuple(t.shape)}")
         if not t.is_floating_point():
-            raise ValueError(f"{name} must be a floating tensor, got dtype {t.dtype} (shape {tuple(t.shape)})")
+            raise ConfigError(f"{name} must be a floating tensor, got dtype {t.dtype} (shape {tuple(t.shape)})")
     if za.shape != zb.shape:
-        raise ValueError(f"za and zb must have the same shape, got {tuple(za.shape)} and {tuple(zb.shape)}")
+        raise ConfigError(f"za and zb must have the same shape, got {tuple(za.shape)} and {tuple(zb.shape)}")
     n, d = za.shape
     if n < 2:
-        raise ValueError(f"the SMI loss needs a batch of at least 2 rows, got shape {tuple(za.shape)}")
+        raise ConfigError(f"the SMI loss needs a batch of at least 2 rows, got shape {tuple(za.shape)}")
     if d < 2:
-        raise ValueError(f"the SMI loss needs at least 2 features per row, got shape {tuple(za.shape)}")
+        raise ConfigError(f"the SMI loss needs at least 2 features per row, got shape {tuple(za.shape)}")
     if za.device != zb.device:
-        raise ValueError(f"za and zb must be on the same device, got {za.device} and {zb.device}")
+        raise ConfigError(f"za and zb must be on the same device, got {za.device} and {zb.device}")
 
 
 # Defaults: the library's (smi_timm.losses.smi.DEFAULT_NEG_WEIGHT / DEFAULT_EPS; kernels import nothing from the
@@ -449,17 +450,17 @@ def precompile(n: int, d: int, dtype: torch.dtype, device, *, neg_weight: float 
     t0 = time.perf_counter()
     n, d = int(n), int(d)
     if n < 2 or d < 2:
-        raise ValueError(f"precompile needs n >= 2 and d >= 2, got n={n}, d={d}")
+        raise ConfigError(f"precompile needs n >= 2 and d >= 2, got n={n}, d={d}")
     dev = torch.device(device)
     if dev.type == "cuda" and dev.index is None:
         dev = torch.device("cuda", torch.cuda.current_device())
     if dev.type != "cuda" and not (INTERPRET and dev.type == "cpu"):
-        raise RuntimeError(f"precompile: the fused loss runs on CUDA devices (or the CPU under TRITON_INTERPRET=1), "
+        raise ConfigError(f"precompile: the fused loss runs on CUDA devices (or the CPU under TRITON_INTERPRET=1), "
                            f"got device {dev}")
     dta, dtb = dtype, zb_dtype or dtype
     for dt in (dta, dtb):
         if not isinstance(dt, torch.dtype) or not dt.is_floating_point:
-            raise ValueError(f"precompile: dtype must be a floating torch.dtype, got {dt!r}")
+            raise ConfigError(f"precompile: dtype must be a floating torch.dtype, got {dt!r}")
     opts = (neg_weight, eps, transform, streaming, block_rows, bool(allow_tf32), bool(autotune),
             _config_tuple(config))
     plan = _plan(n, d, dta, dtb, dev.index if dev.type == "cuda" else -1, opts, bool(requires_grad))

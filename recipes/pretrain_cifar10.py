@@ -14,7 +14,7 @@ warmup epochs then cosine, 200 epochs, online kNN monitor on the test split ever
 
 Use ``--loss barlow`` or ``--loss vicreg`` for the baselines, ``--model`` for any other timm backbone.
 """
-from smi_timm.train.cli import run_recipe
+from smi_timm.cli.pretrain import run_recipe
 
 DEFAULTS = dict(
     model="resnet18",

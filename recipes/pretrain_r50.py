@@ -37,7 +37,7 @@ The matching accelerate config (``accelerate config`` writes it; the flags above
 
 Interrupt with Ctrl-C or SIGTERM: a checkpoint is saved first; continue with ``--resume auto``.
 """
-from smi_timm.train.cli import run_recipe
+from smi_timm.cli.pretrain import run_recipe
 
 DEFAULTS = dict(
     model="resnet50",

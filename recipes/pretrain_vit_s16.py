@@ -10,7 +10,7 @@ projector 8192-8192-8192, BYOL augmentations, bf16 recommended. Global batch 102
 Any other ViT: ``--model vit_base_patch16_224`` (or ``--model-kwargs img_size=160``). Interrupt with Ctrl-C or
 SIGTERM: a checkpoint is saved first; continue with ``--resume auto``.
 """
-from smi_timm.train.cli import run_recipe
+from smi_timm.cli.pretrain import run_recipe
 
 DEFAULTS = dict(
     model="vit_small_patch16_224",

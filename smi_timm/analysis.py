@@ -1,4 +1,4 @@
-"""``smi-analyze``: representation diagnostics of a backbone (+ projector), as PNG plots and one JSON.
+"""Representation diagnostics of a backbone (+ projector), as PNG plots and one JSON (``smi-analyze``).
 
 For ``--weights`` (``random`` with ``--model``, an export folder, a run directory or checkpoint) on ``--data`` (an
 eval split: WebDataset shards or an ImageFolder dir) it computes, on ``--num-samples`` images:
@@ -40,23 +40,28 @@ the top ``--top-frac`` of locations, normalised spatial entropy) in ``spatial.js
 """
 from __future__ import annotations
 
-import argparse
-import json
 import math
 import os
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .curves import plot_curves, read_metrics, save_figure, summarize_curves
+from .data import make_ssl_loader
+from .errors import ConfigError, NotFoundError
+from .eval import features
+from .eval.features import extract_features, is_data_spec
 from .layout import METRICS, write_json_atomic
+from .losses.smi import dependency_matrix
+from .models.ssl import parse_projector
+from .resolve import BackboneSource, resolve_backbone
 
-__all__ = ["main", "analyze", "measure", "Measurement", "effective_rank", "rankme", "alignment", "uniformity",
+__all__ = ["analyze", "measure", "Measurement", "effective_rank", "rankme", "alignment", "uniformity",
            "alignment_centered", "cross_view_corr", "redundancy", "covariance_spectrum", "representation_metrics",
            "two_view_pair", "two_views",
            "plot_diagnostics", "run_curves"]
@@ -149,7 +154,6 @@ def representation_metrics(z: torch.Tensor, za: torch.Tensor, zb: torch.Tensor,
     """``(metrics, spectrum, dependency matrix)`` of one representation: ``z`` (N, D) of clean images, ``za``/``zb``
     of the two views of the same images (alignment, uniformity and the dependency matrix of the first
     ``heatmap_size`` pairs)."""
-    from .losses.smi import dependency_matrix
 
     eig = covariance_spectrum(z)
     spectrum = {"dim": int(z.shape[1]), "effective_rank": _entropy_rank(eig), "rankme": rankme(z),
@@ -213,21 +217,19 @@ def two_views(data: Any, info: Dict[str, Any], *, views: str = "auto", augment: 
     only), ``"crop-flip"`` = :func:`two_view_pair` of the eval loader's images, ``"auto"`` = ``ssl`` for shards and
     ``crop-flip`` for an ImageFolder dir or an iterable of batches.
     """
-    from .eval import features
 
     if views == "auto":
         shards = features.is_data_spec(data) and not os.path.isdir(features.data_list(data)[0])
         views = "ssl" if shards else "crop-flip"
     size = info["image_size"]
     if views == "ssl":
-        from .data import make_ssl_loader
 
         loader = make_ssl_loader(features.loader_urls(data), batch_size=batch_size, image_size=size, augment=augment,
                                  num_workers=workers, seed=seed,
                                  epoch_samples=max(num_samples, batch_size))  # we stop after num_samples anyway
         return _first_samples(loader, num_samples), f"ssl loader (augment={augment})"
     if views != "crop-flip":
-        raise ValueError(f"views={views!r}: choose 'auto', 'ssl' or 'crop-flip'")
+        raise ConfigError(f"views={views!r}: choose 'auto', 'ssl' or 'crop-flip'")
     gen = torch.Generator().manual_seed(seed)
     loader = features.eval_loader(data, batch_size=batch_size, image_size=size, workers=workers, mean=info["mean"],
                                   std=info["std"], crop_pct=info["crop_pct"])
@@ -257,7 +259,6 @@ class _Both(nn.Module):
 def _embed_views(net: nn.Module, batches: ViewBatches, num_samples: int, device: torch.device,
                  amp: str) -> Tuple[torch.Tensor, torch.Tensor]:
     """Both views of each batch in one forward pass (view a rows first, then view b)."""
-    from .eval.features import extract_features
 
     za, zb = [], []
     for va, vb in batches:
@@ -307,7 +308,6 @@ def plot_diagnostics(out_dir: Path, spectra: Dict[str, Dict[str, Any]], features
     """``summary.png`` (spectrum, feature-correlation histogram, dependency heat map) and one PNG per panel."""
     from matplotlib.figure import Figure
 
-    from .curves import save_figure
 
     corr = _corr(features)
     panels = {"spectrum.png": lambda f, ax: _plot_spectrum(f, ax, spectra),
@@ -334,11 +334,10 @@ def plot_diagnostics(out_dir: Path, spectra: Dict[str, Dict[str, Any]], features
 
 def run_curves(run: os.PathLike, out_dir: Path, dpi: int = 80) -> Dict[str, Any]:
     """Summary of ``RUN/metrics.jsonl`` (with the number of unreadable lines skipped); plots ``curves.png``."""
-    from .curves import plot_curves, read_metrics, summarize_curves
 
     metrics = Path(run) / METRICS
     if not metrics.is_file():
-        raise FileNotFoundError(f"{metrics} does not exist; --run must be a run directory written by smi-pretrain")
+        raise NotFoundError(f"{metrics} does not exist; --run must be a run directory written by smi-pretrain")
     rows, bad = read_metrics(metrics)
     plot_curves(rows, out_dir / "curves.png", dpi=dpi)
     return dict(summarize_curves(rows), skipped_lines=bad)
@@ -365,23 +364,23 @@ class Measurement:
                     num_samples=int(self.features.shape[0]), views=self.views, metrics=self.metrics)
 
 
-def measure(weights: str, data: Any, *, model: Optional[str] = None, cifar_stem: bool = False,
+def measure(weights: Union[str, BackboneSource], data: Any, *, model: Optional[str] = None, cifar_stem: bool = False,
             projector: Optional[str] = None, image_size: Optional[int] = None,
             timm_kwargs: Optional[Dict[str, Any]] = None, num_samples: int = 1024, batch_size: int = 256,
             heatmap_size: int = 64, augment: str = "cifar", views: str = "auto", workers: int = 2,
             device: Optional[str] = None, seed: int = 0, amp: str = "no", progress: bool = False) -> Measurement:
     """Representation metrics (spectrum, effective rank, RankMe, alignment, uniformity, redundancy, dependency) of
-    ``weights`` (any source :func:`smi_timm.resolve.resolve_backbone` accepts) on the first ``num_samples`` images of
+    ``weights`` (any source :func:`smi_timm.resolve.resolve_backbone` accepts, or a
+    :class:`~smi_timm.resolve.BackboneSource`, whose architecture then applies) on the first ``num_samples`` images of
     ``data``, without plots: what :func:`analyze` reports and what the comparison harness records for every run.
 
     The projector is the source's (export / run) or, for ``random`` / ``timm:NAME``, a fresh one of ``projector``
     widths; ``views`` / ``augment``: see :func:`two_views`.
     """
-    from .eval import features
-    from .models.ssl import parse_projector
-    from .resolve import resolve_backbone
-
-    resolved = resolve_backbone(weights, model=model, cifar_stem=cifar_stem, timm_kwargs=timm_kwargs, seed=seed)
+    if isinstance(weights, BackboneSource):
+        resolved = weights.resolve()
+    else:
+        resolved = resolve_backbone(weights, model=model, cifar_stem=cifar_stem, timm_kwargs=timm_kwargs, seed=seed)
     spec = projector if resolved.kind in ("random", "timm") else resolved.projector_spec  # fresh / the source's
     proj, proj_weights = resolved.build_projector(spec, seed=seed + 1)
     info = resolved.describe(image_size)
@@ -427,7 +426,6 @@ def analyze(weights: Optional[str] = None, data: Any = None, out_dir: str = "ana
     ``data``: a data spec (shards, ImageFolder dir, ``sample:test``) or an iterable of ``(images, labels)`` batches.
     ``views``: ``"auto"``, ``"ssl"`` or ``"crop-flip"`` (see :func:`two_views`).
     """
-    from .eval.features import is_data_spec
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -439,10 +437,10 @@ def analyze(weights: Optional[str] = None, data: Any = None, out_dir: str = "ana
     if run is not None:
         result["curves"] = run_curves(run, out, dpi)
     if curves_only and run is None:
-        raise ValueError("--curves-only needs a run directory (--run or --weights RUN_DIR)")
+        raise ConfigError("--curves-only needs a run directory (--run or --weights RUN_DIR)")
     if not curves_only:
         if not weights or data is None:
-            raise ValueError("analysis needs --weights and --data (or --curves-only with --run)")
+            raise ConfigError("analysis needs --weights and --data (or --curves-only with --run)")
         result.update(_diagnostics(
             weights, data, out, model=model, cifar_stem=cifar_stem, projector=projector, image_size=image_size,
             timm_kwargs=timm_kwargs, num_samples=num_samples, batch_size=batch_size, heatmap_size=heatmap_size,
@@ -452,114 +450,3 @@ def analyze(weights: Optional[str] = None, data: Any = None, out_dir: str = "ana
                       files=sorted(p.name for p in out.glob("*.png")) + ["analysis.json"])
     write_json_atomic(out / "analysis.json", result, sort_keys=False)
     return result
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="smi-analyze", description="Representation diagnostics (spectrum, effective "
-                                "rank, alignment/uniformity, redundancy, dependency matrix, training curves).")
-    p.add_argument("--weights", action="append",
-                   help="'random' (with --model), an export folder, a run dir or a checkpoint; repeat it with "
-                        "--spatial to compare several backbones on the same images")
-    p.add_argument("--spatial", action="store_true",
-                   help="spatial localisation instead: activation-norm and cosine-to-pooled maps of the last "
-                        "feature map over the images (spatial.png) and their concentration (spatial.json); see "
-                        "smi_timm.spatial")
-    p.add_argument("--label", action="append", help="--spatial: a name per --weights for the plot and table")
-    p.add_argument("--num-images", type=int, default=6, help="--spatial: images shown in the PNG grid (default 6)")
-    p.add_argument("--top-frac", type=float, default=0.2,
-                   help="--spatial: share of locations whose mass is reported (default 0.2: the top 20%%)")
-    p.add_argument("--model", help="timm architecture for --weights random")
-    p.add_argument("--cifar-stem", action="store_true", help="ResNet with the CIFAR stem (--weights random)")
-    p.add_argument("--projector", help="projector widths for --weights random, e.g. 2048-2048-2048 (default none)")
-    p.add_argument("--data", action="append", help="eval split: WebDataset shard pattern(s), an ImageFolder dir, or "
-                                                   "sample:test (the bundled CIFAR-10 sample)")
-    p.add_argument("--run", help="run directory whose metrics.jsonl gives training curves")
-    p.add_argument("--curves-only", action="store_true", help="only plot the training curves of --run")
-    p.add_argument("--out-dir", default="analysis", help="output folder (default ./analysis)")
-    p.add_argument("--image-size", type=int)
-    p.add_argument("--num-samples", type=int, default=1024, help="images used (default 1024)")
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--heatmap-size", type=int, default=64, help="samples in the dependency heat map (default 64)")
-    p.add_argument("--augment", default="cifar", help="SSL augmentation preset for the two views (cifar|byol)")
-    p.add_argument("--views", choices=("auto", "ssl", "crop-flip"), default="auto",
-                   help="two-view source: the SSL loader or crop+flip (auto: SSL loader for shards, crop+flip for an "
-                        "ImageFolder dir)")
-    p.add_argument("--timm-kwargs", type=json.loads, default=None, help="extra timm.create_model kwargs (JSON)")
-    p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1))
-    p.add_argument("--device")
-    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--amp", choices=("no", "bf16", "fp16"), default="no")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dpi", type=int, default=80, help="PNG resolution (default 80)")
-    p.add_argument("--no-progress", action="store_true")
-    return p
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    from .models.hub import WeightsHashError
-    from .models.registry import WeightsMismatchError
-
-    args = build_parser().parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    data = None
-    if args.data:
-        data = args.data[0] if len(args.data) == 1 else args.data
-    if args.spatial:
-        return _spatial_main(args, data)
-    if args.weights and len(args.weights) > 1:
-        print("smi-analyze: error: several --weights are compared only with --spatial", file=sys.stderr)
-        return 2
-    try:
-        result = analyze(args.weights[0] if args.weights else None, data, args.out_dir, model=args.model,
-                         cifar_stem=args.cifar_stem,
-                         projector=args.projector, image_size=args.image_size, run=args.run,
-                         num_samples=args.num_samples, batch_size=args.batch_size, heatmap_size=args.heatmap_size,
-                         augment=args.augment, views=args.views, workers=args.workers, device=args.device,
-                         seed=args.seed, amp=args.amp, timm_kwargs=args.timm_kwargs, dpi=args.dpi,
-                         progress=not args.no_progress, curves_only=args.curves_only)
-    except (FileNotFoundError, ValueError, WeightsMismatchError, WeightsHashError) as err:
-        print(f"smi-analyze: error: {err}", file=sys.stderr)
-        return 2
-    for name, m in (result.get("metrics") or {}).items():
-        print(f"{name}: D={m['dim']} effective rank {m['effective_rank']:.1f}, RankMe {m['rankme']:.1f}, "
-              f"alignment {m['alignment']:.3f} (centred {m['alignment_centered']:.3f}), cross-view correlation "
-              f"{m['cross_view_corr']:.3f}, uniformity {m['uniformity']:.3f}, redundancy {m['redundancy']:.3f}")
-    if result.get("curves"):
-        print(f"curves: {result['curves']}")
-    print(f"wrote {args.out_dir}/: {', '.join(result.get('files') or ['analysis.json', 'curves.png'])}")
-    return 0
-
-
-def _spatial_main(args, data) -> int:
-    from .models.hub import WeightsHashError
-    from .models.registry import WeightsMismatchError
-    from .spatial import run_spatial
-
-    if not args.weights or data is None:
-        print("smi-analyze: error: --spatial needs --weights (one or more) and --data", file=sys.stderr)
-        return 2
-    try:
-        res = run_spatial(args.weights, data, args.out_dir, labels=args.label, image_size=args.image_size,
-                          num_images=args.num_images, num_samples=args.num_samples, model=args.model,
-                          cifar_stem=args.cifar_stem, timm_kwargs=args.timm_kwargs, top_frac=args.top_frac,
-                          batch_size=min(args.batch_size, 64), workers=args.workers, device=args.device,
-                          seed=args.seed, dpi=args.dpi)
-    except (FileNotFoundError, ValueError, WeightsMismatchError, WeightsHashError) as err:
-        print(f"smi-analyze: error: {err}", file=sys.stderr)
-        return 2
-    top = f"top-{res['top_frac']:.0%} mass"
-    print(f"{res['num_images']} images at {res['image_size']} px; {top} (uniform: "
-          f"{res['backbones'][0]['uniform_top_mass']:.3f}) and normalised entropy (uniform: 1)")
-    print(f"| backbone | map | norm: {top} | norm: entropy | cosine: {top} | cosine: entropy |")
-    print("|---|---|---:|---:|---:|---:|")
-    for b in res["backbones"]:
-        n, c = b["norm"], b["cosine"]
-        print(f"| {b['label']} | {b['map_size'][0]}x{b['map_size'][1]} | {n['top_mass']:.3f} | {n['entropy']:.3f} | "
-              f"{c['top_mass']:.3f} | {c['entropy']:.3f} |")
-    print(f"wrote {args.out_dir}/: spatial.png, spatial.json")
-    return 0
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())

@@ -33,6 +33,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple, Union
 
+from .errors import ConfigError, NotFoundError
+
 __all__ = [
     "RUN_CONFIG", "METRICS", "CURVE_PNG", "TRAIN_SUMMARY", "CHECKPOINTS", "EXPORT_DIR", "TRAINER_STATE", "WEIGHTS_NAME",
     "PROJECTOR_NAME", "CONFIG_NAME", "MODEL_CARD", "TMP_PREFIX",
@@ -136,7 +138,7 @@ def find_run_config(path: PathLike) -> Path:
     for folder in [start, *start.parents][:4]:
         if (folder / RUN_CONFIG).is_file():
             return folder / RUN_CONFIG
-    raise FileNotFoundError(f"no {RUN_CONFIG} in {start} or the three folders above it; pass a run directory "
+    raise NotFoundError(f"no {RUN_CONFIG} in {start} or the three folders above it; pass a run directory "
                             f"written by smi-pretrain (or a checkpoint folder inside one)")
 
 
@@ -148,7 +150,7 @@ def load_run_config(path: PathLike) -> Dict[str, Any]:
     with open(path, "r", encoding="utf-8") as f:
         cfg = json.load(f)
     if not isinstance(cfg, dict) or "model" not in cfg:
-        raise ValueError(f"{path} is not a run config: expected a JSON object with at least a 'model' key")
+        raise ConfigError(f"{path} is not a run config: expected a JSON object with at least a 'model' key")
     return cfg
 
 
@@ -157,20 +159,20 @@ def locate_weights(path: PathLike) -> Tuple[Path, Dict[str, Any]]:
     checkpoint's ``model.safetensors``."""
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist; pass a run directory or a checkpoint folder/file")
+        raise NotFoundError(f"{path} does not exist; pass a run directory or a checkpoint folder/file")
     if path.is_file():
         weights = path
     elif is_run_dir(path):
         latest = latest_checkpoint(path, needs=WEIGHTS_NAME)
         if latest is None:
-            raise FileNotFoundError(
+            raise NotFoundError(
                 f"no complete checkpoint in {checkpoint_dir(path)} (expected step_<N>/{WEIGHTS_NAME} folders); is "
                 f"{path} a run directory written by smi-pretrain, and has it saved a checkpoint yet?")
         weights = latest / WEIGHTS_NAME
     elif (path / WEIGHTS_NAME).is_file():
         weights = path / WEIGHTS_NAME
     else:
-        raise FileNotFoundError(f"{path} is neither a run directory ({RUN_CONFIG} + {CHECKPOINTS}/) nor a checkpoint "
+        raise NotFoundError(f"{path} is neither a run directory ({RUN_CONFIG} + {CHECKPOINTS}/) nor a checkpoint "
                                 f"folder holding {WEIGHTS_NAME}")
     return weights, load_run_config(find_run_config(weights))
 

@@ -14,14 +14,15 @@ from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Union
 
 from .curves import read_metrics
+from .errors import ConfigError
+from .eval.report import TABLE_HEADER, table_row
 from .layout import CONFIG_NAME, METRICS, MODEL_CARD, atomic_write_bytes, is_run_dir
+from .losses import LOSSES
 
 __all__ = ["model_card", "write_model_card", "push_to_hub"]
 
 PathLike = Union[str, os.PathLike]
 
-_LOSS_NAMES = {"smi": "SMI (Semantic Mutual Information)", "barlow": "Barlow Twins", "vicreg": "VICReg",
-               "simclr": "SimCLR (NT-Xent)"}
 # recipe fields worth a line in the card, in this order
 _RECIPE_KEYS = ("optimizer", "lr", "lr_biases", "weight_decay", "global_batch", "batch_size", "num_processes",
                 "grad_accum", "total_steps", "steps_per_epoch", "warmup_steps", "mixed_precision", "augment",
@@ -36,8 +37,6 @@ def _monitor_rows(run_dir: Optional[Path]) -> List[Dict[str, Any]]:
 
 
 def _results_section(run_dir: Optional[Path], recipe: Dict[str, Any], results: Sequence[Dict[str, Any]]) -> List[str]:
-    from .eval.cli import TABLE_HEADER
-
     lines: List[str] = []
     monitor = _monitor_rows(run_dir)
     if monitor:
@@ -47,7 +46,7 @@ def _results_section(run_dir: Optional[Path], recipe: Dict[str, Any], results: S
                   f" top-1 {last['knn_top1']:.2f} %, top-5 {last['knn_top5']:.2f} %."]
     if results:
         lines += ["", "Frozen-backbone evaluations (`smi-eval`):", "", TABLE_HEADER.rstrip("\n")]
-        lines += [r["table_row"] for r in results]
+        lines += [r.get("table_row") or table_row(r) for r in results]  # as smi-eval wrote it, else formatted
     return lines or ["No evaluation was recorded with this export (run `smi-eval knn|linear ... --out r.json` and "
                      "pass the files with `--results`)."]
 
@@ -71,7 +70,9 @@ def model_card(out_dir: PathLike, repo_id: Optional[str] = None, run_dir: Option
     run = Path(run_dir) if run_dir is not None else (out.parent if is_run_dir(out.parent) else None)
     name = repo_id or out.name
     arch = config["architecture"]
-    loss_name = _LOSS_NAMES.get(loss.get("name", ""), loss.get("name", "unknown loss"))
+    entry = LOSSES.get(loss.get("name", ""))
+    loss_name = entry.display_name if entry else (loss.get("name") or "unknown")
+    loss_summary = f" ({entry.summary.rstrip('.')})" if entry else ""
     settings = ", ".join(f"{k}={v}" for k, v in loss.items() if k != "name") or "defaults"
     at_step = "" if smi.get("step") is None else f" at step {smi['step']}"
     samples = f" ({recipe['epoch_samples']} samples per epoch)" if recipe.get("epoch_samples") else ""
@@ -87,7 +88,8 @@ def model_card(out_dir: PathLike, repo_id: Optional[str] = None, run_dir: Option
              "## Usage", "", "```python", "import timm" + (", smi_timm" if config.get("cifar_stem") else ""),
              f"backbone = timm.create_model('hf-hub:{name}', pretrained=True)  # pooled features", "```", "",
              stem_note + "## Pretraining", "",
-             f"- Loss: {loss_name} ({settings}); projector {smi.get('projector') or 'none'} (not included"
+             f"- Loss: {loss_name}{loss_summary}; settings: {settings}; projector {smi.get('projector') or 'none'} "
+             f"(not included"
              f"{'' if not smi.get('projector_file') else ' in the backbone file; see projector.safetensors'}).",
              f"- Data: `{' '.join(recipe.get('data') or []) or 'unknown'}`{samples}.",
              "- Recipe: " + ", ".join(f"{k} {recipe[k]}" for k in _RECIPE_KEYS if recipe.get(k) is not None) + ".",
@@ -110,7 +112,7 @@ def push_to_hub(out_dir: PathLike, repo_id: str, *, private: bool = False, token
     Returns the URL of the commit. ``api`` is a ``huggingface_hub.HfApi`` (default: a new one with ``token``).
     """
     if "/" not in repo_id:
-        raise ValueError(f"--push-to-hub needs ORG/NAME (or USER/NAME), got {repo_id!r}")
+        raise ConfigError(f"--push-to-hub needs ORG/NAME (or USER/NAME), got {repo_id!r}")
     if api is None:
         from huggingface_hub import HfApi
 

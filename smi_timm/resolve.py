@@ -16,7 +16,7 @@ a ``.safetensors`` file         backbone or full ``SSLModel`` weights of ``model
 ==============================  ====================================================================================
 
 Only safetensors files are ever read (pickles are refused with a message saying how to convert them), and weights
-that do not fit the architecture raise :class:`~smi_timm.models.registry.WeightsMismatchError` naming the first
+that do not fit the architecture raise :class:`~smi_timm.models.weights.WeightsMismatchError` naming the first
 missing, unexpected and mis-shaped keys with their shapes.
 
 The result, :class:`ResolvedBackbone`, carries what callers need besides the module: the model name, stem, timm
@@ -31,14 +31,60 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple, Union
 
+import timm
 import torch
 from torch import nn
 
+from .errors import ConfigError, NotFoundError
+from .export import load_export, read_export_config
 from .layout import PROJECTOR_NAME, WEIGHTS_NAME, is_export_dir, locate_weights, step_of
+from .models.hub import resolve_weights
+from .models.ssl import apply_cifar_stem, build_projector, parse_projector
+from .models.weights import check_state_dict, load_safetensors, load_weights_checked, sha256_file, split_state_dict
 
-__all__ = ["ResolvedBackbone", "resolve_backbone"]
+__all__ = ["BackboneSource", "ResolvedBackbone", "resolve_backbone", "records_architecture"]
 
 Source = Union[str, os.PathLike]
+
+
+def records_architecture(weights: Source) -> bool:
+    """Whether a source records its own architecture (an export, a run, a checkpoint) rather than needing ``model``
+    (``random``, ``timm:NAME``, a bare ``.safetensors`` file)."""
+    text = os.fspath(weights)
+    return not (text == "random" or text.startswith("timm:") or text.endswith(".safetensors"))
+
+
+@dataclass(frozen=True)
+class BackboneSource:
+    """Where a backbone comes from (``weights``: any source of :func:`resolve_backbone`) and, for the sources that do
+    not record it, its architecture (``model``, ``cifar_stem``, ``timm_kwargs``) and ``weights_file`` / ``seed``.
+
+    :meth:`of` builds one for a source and drops the architecture arguments where the source records its own, so one
+    command can evaluate an export, a run and ``random`` (with ``--model``) side by side.
+    """
+
+    weights: str = "random"
+    model: Optional[str] = None
+    cifar_stem: bool = False
+    timm_kwargs: Optional[Dict[str, Any]] = None
+    weights_file: Optional[str] = None
+    seed: int = 0
+
+    @classmethod
+    def of(cls, weights: Source, *, model: Optional[str] = None, cifar_stem: bool = False,
+           timm_kwargs: Optional[Dict[str, Any]] = None, weights_file: Optional[str] = None,
+           seed: int = 0) -> "BackboneSource":
+        """The source ``weights`` with the architecture arguments only where it needs them (see
+        :func:`records_architecture`)."""
+        text = os.fspath(weights)
+        if records_architecture(text):
+            return cls(text, weights_file=weights_file, seed=seed)
+        return cls(text, model, bool(cifar_stem), dict(timm_kwargs) if timm_kwargs else None, weights_file, seed)
+
+    def resolve(self) -> "ResolvedBackbone":
+        """:func:`resolve_backbone` of this source."""
+        return resolve_backbone(self.weights, model=self.model, cifar_stem=self.cifar_stem,
+                                timm_kwargs=self.timm_kwargs, weights_file=self.weights_file, seed=self.seed)
 
 
 @dataclass
@@ -91,8 +137,6 @@ class ResolvedBackbone:
         a ``spec`` a fresh projector of those widths is initialised from ``seed`` (loaded instead when the source's
         projector has exactly that spec).
         """
-        from .models.ssl import build_projector, parse_projector
-
         dims = parse_projector(spec if spec is not None else self.projector_spec)
         if not dims:
             return None, None
@@ -111,8 +155,6 @@ class ResolvedBackbone:
         the projector too when ``projector`` is set and the source has one, which must then have the model's widths.
         A model without a matching source projector keeps its fresh one.
         """
-        from .models.registry import check_state_dict
-
         state = self.backbone.state_dict()
         check_state_dict(state, ssl_model.backbone, name=f"the model's backbone (source {self.weights})")
         ssl_model.backbone.load_state_dict(state)
@@ -131,12 +173,8 @@ class ResolvedBackbone:
 # ---------------------------------------------------------------------------------------------------------------------
 
 def _create(model: str, cifar_stem: bool, timm_kwargs: Optional[Dict[str, Any]]) -> nn.Module:
-    import timm
-
-    from .models.ssl import apply_cifar_stem
-
     if not timm.is_model(model):
-        raise ValueError(f"unknown timm model {model!r}; see timm.list_models() (smi names need `import smi_timm`)")
+        raise ConfigError(f"unknown timm model {model!r}; see timm.list_models() (smi names need `import smi_timm`)")
     kwargs = dict(timm_kwargs or {})
     kwargs.pop("num_classes", None)
     backbone = timm.create_model(model, pretrained=False, num_classes=0, **kwargs)
@@ -151,7 +189,7 @@ def _create(model: str, cifar_stem: bool, timm_kwargs: Optional[Dict[str, Any]])
 
 def _random(model: Optional[str], cifar_stem: bool, timm_kwargs, seed: int) -> ResolvedBackbone:
     if not model:
-        raise ValueError("--weights random needs --model (the timm architecture to initialise)")
+        raise ConfigError("--weights random needs --model (the timm architecture to initialise)")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         backbone = _create(model, cifar_stem, timm_kwargs)
@@ -159,11 +197,8 @@ def _random(model: Optional[str], cifar_stem: bool, timm_kwargs, seed: int) -> R
 
 
 def _timm(name: str, weights_file: Optional[Source], cifar_stem: bool, timm_kwargs) -> ResolvedBackbone:
-    from .export import load_weights_checked
-    from .models.hub import load_safetensors, resolve_weights, sha256_file
-
     if not weights_file:
-        raise ValueError(f"--weights timm:{name} needs --weights-file F.safetensors: loading {name}'s published "
+        raise ConfigError(f"--weights timm:{name} needs --weights-file F.safetensors: loading {name}'s published "
                          f"weights would need the network; download the file once and pass it")
     file = resolve_weights(weights_file)
     backbone = _create(name, cifar_stem, timm_kwargs)
@@ -176,15 +211,12 @@ def _timm(name: str, weights_file: Optional[Source], cifar_stem: bool, timm_kwar
 
 
 def _export(path: Path, model: Optional[str]) -> ResolvedBackbone:
-    from .export import load_export, read_export_config
-    from .models.hub import load_safetensors
-
     config = read_export_config(path)
     backbone = load_export(path)
     smi = config.get("smi") or {}
     name = smi.get("model") or config["architecture"]
     if model and model not in (name, config["architecture"]):
-        raise ValueError(f"--model {model} contradicts the export in {path} ({name}); drop --model")
+        raise ConfigError(f"--model {model} contradicts the export in {path} ({name}); drop --model")
     pcfg = config.get("pretrained_cfg", {})
     has_projector = (path / PROJECTOR_NAME).is_file() and smi.get("projector")
     return ResolvedBackbone(
@@ -198,9 +230,6 @@ def _export(path: Path, model: Optional[str]) -> ResolvedBackbone:
 
 def _weights_file(path: Path, model: Optional[str], cifar_stem: bool, timm_kwargs) -> ResolvedBackbone:
     """A run dir, a checkpoint folder / file of a run, or (with ``model``) a bare ``.safetensors`` file."""
-    from .export import load_weights_checked, split_state_dict
-    from .models.hub import load_safetensors, sha256_file
-
     if path.is_file() and path.suffix != ".safetensors":
         load_safetensors(path)  # refuses a pickle with the conversion recipe; a safetensors file by another name passes
     if path.is_file() and path.suffix == ".safetensors" and model:
@@ -209,9 +238,9 @@ def _weights_file(path: Path, model: Optional[str], cifar_stem: bool, timm_kwarg
         try:
             file, run_config = locate_weights(path)
         except FileNotFoundError as err:
-            raise FileNotFoundError(f"{err}; for a bare weights file pass --model NAME [--cifar-stem]") from None
+            raise NotFoundError(f"{err}; for a bare weights file pass --model NAME [--cifar-stem]") from None
         if model and model != run_config["model"]:
-            raise ValueError(f"--model {model} contradicts the run config of {path} ({run_config['model']})")
+            raise ConfigError(f"--model {model} contradicts the run config of {path} ({run_config['model']})")
         kind = "checkpoint" if path.is_file() or step_of(path) is not None else "run"
     name, stem = run_config["model"], bool(run_config.get("cifar_stem"))
     state = load_safetensors(file)
@@ -252,5 +281,5 @@ def resolve_backbone(source: Source = "random", *, model: Optional[str] = None, 
         return _export(path, model)
     if path.exists():
         return _weights_file(path, model, cifar_stem, timm_kwargs)
-    raise FileNotFoundError(f"--weights {text!r} is not 'random', 'timm:NAME', an existing export/run folder or a "
+    raise NotFoundError(f"--weights {text!r} is not 'random', 'timm:NAME', an existing export/run folder or a "
                             f".safetensors file")

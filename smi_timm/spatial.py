@@ -34,6 +34,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .curves import save_figure
+from .data import IMAGENET_MEAN, IMAGENET_STD
+from .errors import ConfigError
+from .eval.features import eval_loader, is_data_spec
+from .layout import write_json_atomic
+from .resolve import BackboneSource
+
 __all__ = ["MIN_MAP_SIZE", "feature_map", "spatial_maps", "concentration", "relative_mass", "run_spatial",
            "plot_spatial"]
 
@@ -47,7 +54,7 @@ def _grid_size(backbone: nn.Module, tokens: int) -> Tuple[int, int]:
         return int(grid[0]), int(grid[1])
     side = int(round(math.sqrt(tokens)))
     if side * side != tokens:
-        raise ValueError(f"cannot lay {tokens} patch tokens out on a grid (not square, and the model's patch_embed "
+        raise ConfigError(f"cannot lay {tokens} patch tokens out on a grid (not square, and the model's patch_embed "
                          f"has no matching grid_size)")
     return side, side
 
@@ -62,7 +69,7 @@ def _to_grid(backbone: nn.Module, feats: torch.Tensor, width: int) -> Tuple[torc
     if feats.ndim == 4:
         nhwc = width and feats.shape[-1] == width and feats.shape[1] != width
         return (feats.permute(0, 3, 1, 2) if nhwc else feats), 0
-    raise ValueError(f"forward_features returned shape {tuple(feats.shape)}; expected (B, C, h, w) or (B, N, C)")
+    raise ConfigError(f"forward_features returned shape {tuple(feats.shape)}; expected (B, C, h, w) or (B, N, C)")
 
 
 def feature_map(backbone: nn.Module, images: torch.Tensor) -> Dict[str, Any]:
@@ -76,7 +83,7 @@ def feature_map(backbone: nn.Module, images: torch.Tensor) -> Dict[str, Any]:
     when that has another width.
     """
     if not hasattr(backbone, "forward_features"):
-        raise ValueError(f"{type(backbone).__name__} has no forward_features: spatial maps need a timm backbone")
+        raise ConfigError(f"{type(backbone).__name__} has no forward_features: spatial maps need a timm backbone")
     captured: Dict[str, torch.Tensor] = {}
     norm = getattr(backbone, "norm", None)
     hook = None
@@ -114,7 +121,7 @@ def concentration(maps: torch.Tensor, top_frac: float = 0.2) -> Dict[str, torch.
     """Per-map ``top_mass`` and ``entropy`` (see the module doc) of ``maps`` ``(B, h, w)``; negative values count as
     0, and an all-zero map counts as uniform."""
     if not 0 < top_frac <= 1:
-        raise ValueError(f"top_frac must be in (0, 1], got {top_frac}")
+        raise ConfigError(f"top_frac must be in (0, 1], got {top_frac}")
     flat = maps.flatten(1).double().clamp_min(0)
     n = flat.shape[1]
     total = flat.sum(dim=1, keepdim=True)
@@ -128,7 +135,7 @@ def concentration(maps: torch.Tensor, top_frac: float = 0.2) -> Dict[str, torch.
 def _check_size(label: str, h: int, w: int, image_size: int) -> None:
     if min(h, w) < MIN_MAP_SIZE:
         need = int(math.ceil(image_size * MIN_MAP_SIZE / max(min(h, w), 1)))
-        raise ValueError(f"{label}: the last feature map is {h}x{w} at {image_size} px, smaller than "
+        raise ConfigError(f"{label}: the last feature map is {h}x{w} at {image_size} px, smaller than "
                          f"{MIN_MAP_SIZE}x{MIN_MAP_SIZE}, so it has no spatial structure to measure; use "
                          f"--image-size {need} or more (or a backbone with a finer last map, e.g. the CIFAR stem)")
 
@@ -144,7 +151,6 @@ def _input_size(resolved) -> int:
 def _load_images(data: Any, n: int, image_size: int, crop_pct: Optional[float], batch_size: int,
                  workers: int) -> torch.Tensor:
     """The first ``n`` images of ``data`` in [0, 1] (the eval loader's resize and centre crop, no normalisation)."""
-    from .eval.features import eval_loader
 
     loader = eval_loader(data, batch_size=batch_size, image_size=image_size, workers=workers, mean=(0.0, 0.0, 0.0),
                          std=(1.0, 1.0, 1.0), crop_pct=crop_pct)
@@ -155,13 +161,12 @@ def _load_images(data: Any, n: int, image_size: int, crop_pct: Optional[float], 
         if got >= n:
             break
     if not out:
-        raise ValueError("the data yielded no images: check the path / pattern")
+        raise ConfigError("the data yielded no images: check the path / pattern")
     return torch.cat(out)[:n]
 
 
 def _backbone_maps(resolved, label: str, images: torch.Tensor, batch_size: int, device: torch.device,
                    top_frac: float) -> Tuple[Dict[str, Any], Dict[str, torch.Tensor]]:
-    from .data import IMAGENET_MEAN, IMAGENET_STD
 
     mean = torch.tensor(resolved.mean or IMAGENET_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(resolved.std or IMAGENET_STD).view(1, 3, 1, 1)
@@ -174,7 +179,7 @@ def _backbone_maps(resolved, label: str, images: torch.Tensor, batch_size: int, 
             try:
                 fm = feature_map(net, x)
             except AssertionError as err:  # timm's own input-size checks (e.g. a ViT built for another size)
-                raise ValueError(f"{label}: the backbone refused {tuple(x.shape[-2:])} px inputs ({err}); pass the "
+                raise ConfigError(f"{label}: the backbone refused {tuple(x.shape[-2:])} px inputs ({err}); pass the "
                                  f"--image-size it was built for") from None
             prefix, size = fm["prefix"], tuple(fm["map"].shape[-2:])
             _check_size(label, size[0], size[1], images.shape[-1])
@@ -206,21 +211,18 @@ def run_spatial(sources: Sequence[str], data: Any, out_dir: Any, *, labels: Opti
     Writes ``OUT_DIR/spatial.json`` (the returned dict: per backbone ``map_size``, ``norm`` and ``cosine``
     concentration, mean and std over images) and ``OUT_DIR/spatial.png``.
     """
-    from .eval.transfer import architecture_args
-    from .layout import write_json_atomic
-    from .resolve import resolve_backbone
 
     if not sources:
-        raise ValueError("spatial analysis needs at least one --weights")
+        raise ConfigError("spatial analysis needs at least one --weights")
     labels = list(labels or [])
     if labels and len(labels) != len(sources):
-        raise ValueError(f"{len(labels)} labels for {len(sources)} backbones: give one --label per --weights")
+        raise ConfigError(f"{len(labels)} labels for {len(sources)} backbones: give one --label per --weights")
     labels = labels or [str(s) for s in sources]
     t0 = time.perf_counter()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     dev = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    resolved = [resolve_backbone(str(src), **architecture_args(src, model, cifar_stem, timm_kwargs), seed=seed)
+    resolved = [BackboneSource.of(src, model=model, cifar_stem=cifar_stem, timm_kwargs=timm_kwargs, seed=seed).resolve()
                 for src in sources]
     size = int(image_size or _input_size(resolved[0]))
     images = _load_images(data, max(num_samples, num_images), size, resolved[0].crop_pct, batch_size, workers)
@@ -230,7 +232,6 @@ def run_spatial(sources: Sequence[str], data: Any, out_dir: Any, *, labels: Opti
         summaries.append(summary)
         all_maps.append(maps)
     plot_spatial(out / "spatial.png", images[:num_images], all_maps, summaries, dpi=dpi)
-    from .eval.features import is_data_spec
 
     result = dict(image_size=size, num_images=int(images.shape[0]), num_plotted=int(min(num_images, len(images))),
                   top_frac=top_frac, data=data if is_data_spec(data) else "batches", backbones=summaries,
@@ -257,7 +258,6 @@ def plot_spatial(path: Path, images: torch.Tensor, maps: Sequence[Dict[str, torc
     from matplotlib.colors import TwoSlopeNorm
     from matplotlib.figure import Figure
 
-    from .curves import save_figure
 
     n, cols = images.shape[0], 1 + 2 * len(maps)
     fig = Figure(figsize=(1.7 * cols, 1.8 * n + 0.9), dpi=dpi)

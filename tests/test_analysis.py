@@ -10,12 +10,12 @@ from smi_timm.analysis import (
     alignment,
     covariance_spectrum,
     effective_rank,
-    main,
     rankme,
     redundancy,
     two_view_pair,
     uniformity,
 )
+from smi_timm.cli.analyze import main
 from smi_timm.curves import read_metrics
 
 

@@ -234,8 +234,9 @@ def test_transfer_phase_every_final_export_and_the_floor(harness, tmp_path, monk
         harness.export_dir(out, rid).mkdir(parents=True)
     seen = []
 
-    def fake(weights, train, test, **kw):
-        seen.append((Path(weights).parent.name if weights != "random" else "random", kw["image_sizes"], kw["model"]))
+    def fake(source, train, test, settings, image_sizes):
+        weights = source.weights
+        seen.append((Path(weights).parent.name if weights != "random" else "random", image_sizes, source.model))
         return _transfer_result(50.0 + 10 * len(seen))
 
     monkeypatch.setattr(transfer, "run_transfer", fake)

@@ -10,9 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from smi_timm.cli.make_shards import main
 from smi_timm.data import write_shards
 from smi_timm.data.reading import iter_shard
-from smi_timm.data.shards import main, split_name
+from smi_timm.data.shards import split_name
 from smi_timm.data.stats import DataStats
 from smi_timm.data.testing import encode_image, flat_image, make_image_folder, noise_image
 
@@ -144,11 +145,11 @@ def test_cli_main(messy_folder, tmp_path, capsys):
 
 
 def test_cli_subprocess(tmp_path):
-    """The installed console script (or ``python -m smi_timm.data.shards`` when it is not installed)."""
+    """The installed console script (or ``python -m smi_timm.cli.make_shards`` when it is not installed)."""
     root = tmp_path / "src"
     make_image_folder(root, classes=("a", "b"), per_class=2)
     exe = shutil.which("smi-make-shards")
-    cmd = [exe] if exe else [sys.executable, "-m", "smi_timm.data.shards"]
+    cmd = [exe] if exe else [sys.executable, "-m", "smi_timm.cli.make_shards"]
     r = subprocess.run(cmd + [str(root), str(tmp_path / "o" / "tr-%06d.tar"), "--no-progress"],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr

@@ -8,7 +8,6 @@ import torch
 from torch import nn
 
 from smi_timm.eval.features import (
-    clear_memory_cache,
     extract_features,
     feature_cache_key,
     load_cached_features,
@@ -101,14 +100,12 @@ def test_linear_probe_on_cuda_matches_cpu():
 
 
 def test_feature_cache_roundtrip(tmp_path):
-    clear_memory_cache()
     feats = (torch.randn(5, 3), torch.arange(5), torch.randn(2, 3), torch.arange(2))
     key = feature_cache_key(weights="abc", train=["a"], test=["b"], image_size=32)
     assert key != feature_cache_key(weights="abc", train=["a"], test=["b"], image_size=64)
     assert load_cached_features(key, tmp_path) is None
     path = save_cached_features(key, feats, tmp_path)
     assert path.is_file() and key in path.name
-    clear_memory_cache()
     loaded = load_cached_features(key, tmp_path)
     assert all(torch.equal(a, b) for a, b in zip(loaded, feats))
 
@@ -160,7 +157,6 @@ def test_knn_evaluate_one_path_with_cache(tmp_path):
     from smi_timm.eval.features import extract_pair
     from smi_timm.eval.knn import knn_evaluate
 
-    clear_memory_cache()
     torch.manual_seed(0)
     net = _Net()
     g = torch.Generator().manual_seed(1)
@@ -173,14 +169,15 @@ def test_knn_evaluate_one_path_with_cache(tmp_path):
     assert torch.equal(res.features.bank, bank_f) and res.features.num_classes == 3 and not res.features.cached
     assert res.monitor(2) == {"knn_top1": res.accuracy[2]["top1"], "knn_top5": res.accuracy[2]["top5"]}
     assert set(res.features.times) == {"extract_train_s", "extract_test_s"}
-    # the cache: memory first, then disk; a hit extracts nothing (the loaders are not even iterated)
+    # the on-disk cache: a hit extracts nothing (the loaders are not even iterated)
     first = knn_evaluate(net, bank, query, ks=(4,), image_size=8, cache_key="k1", cache_dir=tmp_path)
-    clear_memory_cache()
     again = knn_evaluate(net, iter(()), iter(()), ks=(4,), image_size=8, cache_key="k1", cache_dir=tmp_path)
     assert again.features.cached and again.accuracy == first.accuracy
     assert (tmp_path / "features-k1.safetensors").is_file()
     flipped = extract_pair(net, bank, query, image_size=8, flip=True)
-    assert flipped.bank.shape[0] == 36 and flipped.query.shape[0] == 10
+    assert flipped.bank.shape[0] == 36 and flipped.query.shape[0] == 10 and flipped.flipped
+    plain = flipped.unflipped()  # kNN's view: the originals only
+    assert torch.equal(plain.bank, bank_f) and torch.equal(plain.bank_labels, bank_l) and not plain.flipped
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -194,9 +191,11 @@ def _sample():
 
 
 def test_cli_knn_linear_and_export_dir(tmp_path, capsys):
-    from smi_timm.eval.cli import main, run_knn
+    from smi_timm.cli.eval import main
+    from smi_timm.eval import EvalSettings, run_knn
     from smi_timm.export import export_backbone
     from smi_timm.models import create_ssl_model
+    from smi_timm.resolve import BackboneSource
 
     train, test = _sample()
     common = ["--train", train[0], "--test", test[0], "--batch-size", "32", "--max-batches", "2", "--workers", "0",
@@ -226,13 +225,13 @@ def test_cli_knn_linear_and_export_dir(tmp_path, capsys):
     # an export folder supplies model, stem and image size; same weights -> same features as the file itself
     ssl = create_ssl_model("resnet18", projector="none", cifar_stem=True)
     export_backbone(ssl, tmp_path / "export", {"model": "resnet18", "cifar_stem": True, "image_size": 32})
-    r1 = run_knn(str(tmp_path / "export"), train[0], test[0], batch_size=16, max_batches=1, workers=0, k=5,
-                 progress=False, quiet=True)
+    quick = EvalSettings(batch_size=16, max_batches=1, workers=0, k=5, progress=False)
+    r1 = run_knn(str(tmp_path / "export"), train[0], test[0], quick)
     assert r1["model"] == "resnet18" and r1["cifar_stem"] and r1["image_size"] == 32
     assert r1["weights_sha256"] == json.loads((tmp_path / "export" / "config.json").read_text())["sha256"]
-    r2 = run_knn(str(tmp_path / "export" / "model.safetensors"), train[0], test[0], model="resnet18",
-                 cifar_stem=True, batch_size=16, max_batches=1, workers=0, k=5, progress=False, quiet=True)
-    assert r2["results"] == r1["results"]
+    r2 = run_knn(BackboneSource(str(tmp_path / "export" / "model.safetensors"), model="resnet18", cifar_stem=True),
+                 train[0], test[0], quick)
+    assert r2["results"] == r1["results"] and "table_row" not in r2  # the library returns results, no table
 
     # clear errors
     assert main(["knn", "--weights", "random", *common]) == 2
@@ -247,7 +246,8 @@ def test_cli_timm_weights_file_and_image_folder(tmp_path):
     import timm
     from PIL import Image
 
-    from smi_timm.eval.cli import run_linear
+    from smi_timm.eval import EvalSettings, run_linear
+    from smi_timm.resolve import BackboneSource
 
     for split in ("train", "test"):
         for c, color in enumerate(((250, 10, 10), (10, 10, 250))):
@@ -259,9 +259,9 @@ def test_cli_timm_weights_file_and_image_folder(tmp_path):
                 Image.fromarray(arr).save(d / f"{i}.png")
     src = timm.create_model("resnet18", num_classes=1000)  # a classifier checkpoint: its head is ignored
     st.save_file({k: v.contiguous() for k, v in src.state_dict().items()}, str(tmp_path / "r18.safetensors"))
-    res = run_linear("timm:resnet18", str(tmp_path / "train"), str(tmp_path / "test"),
-                     weights_file=str(tmp_path / "r18.safetensors"), image_size=32, epochs=20, batch_size=8,
-                     workers=0, progress=False, quiet=True)
+    res = run_linear(BackboneSource("timm:resnet18", weights_file=str(tmp_path / "r18.safetensors")),
+                     str(tmp_path / "train"), str(tmp_path / "test"),
+                     EvalSettings(image_size=32, probe_epochs=20, batch_size=8, workers=0, progress=False))
     assert res["num_train"] == 12 and res["num_test"] == 12 and res["num_classes"] == 2
     assert res["top1"] == 100.0  # red vs blue
     assert res["weights"] == "timm:resnet18" and len(res["weights_sha256"]) == 64
@@ -271,33 +271,49 @@ def test_cli_timm_weights_file_and_image_folder(tmp_path):
 # transfer
 # ---------------------------------------------------------------------------------------------------------------------
 
-def test_run_transfer_sizes_ks_and_table(tmp_path):
-    from smi_timm.eval.cli import run_knn, run_linear
+def test_run_transfer_resolves_once_and_extracts_once_per_size(monkeypatch):
+    import smi_timm.eval.run as run
+    import smi_timm.resolve as resolve
+    from smi_timm.eval import EvalSettings, run_knn, run_linear
     from smi_timm.eval.transfer import parse_image_sizes, run_transfer
+    from smi_timm.resolve import BackboneSource
 
     train, test = _sample()
-    common = dict(model="resnet10t", batch_size=32, max_batches=2, workers=0, progress=False)
-    table = tmp_path / "t.md"
-    res = run_transfer("random", train[0], test[0], image_sizes=(32, 48), ks=(20, 5), epochs=3,
-                       out=str(tmp_path / "t.json"), table=str(table), quiet=True, **common)
+    source = BackboneSource("random", model="resnet10t")
+    settings = EvalSettings(batch_size=32, max_batches=2, workers=0, progress=False, k=20, extra_k=(5,),
+                            probe_epochs=3, flip=True)
+    calls = {"resolve": 0, "extract": []}
+    real_resolve, real_extract = resolve.resolve_backbone, run.extract_pair
+
+    def counting_resolve(*a, **kw):
+        calls["resolve"] += 1
+        return real_resolve(*a, **kw)
+
+    def counting_extract(model, bank, query, **kw):
+        calls["extract"].append((kw["image_size"], kw["flip"]))
+        return real_extract(model, bank, query, **kw)
+
+    monkeypatch.setattr(resolve, "resolve_backbone", counting_resolve)
+    monkeypatch.setattr(run, "extract_pair", counting_extract)
+    res = run_transfer(source, train[0], test[0], settings, image_sizes=(32, 48))
+    # one resolution (one read and hash of the weights); one extraction per size, shared by kNN and the probe,
+    # with the flipped training images extracted in the same pass
+    assert calls == {"resolve": 1, "extract": [(32, True), (48, True)]}
     assert [ev["image_size"] for ev in res["evals"]] == [32, 48]
     assert all(set(ev["knn"]) == {"k=20", "k=5"} and ev["num_train"] == 64 for ev in res["evals"])
-    # the same numbers as the single evaluations
-    knn = run_knn("random", train[0], test[0], image_size=48, k=20, extra_k=(5,), quiet=True, **common)
-    lin = run_linear("random", train[0], test[0], image_size=48, epochs=3, quiet=True, **common)
+    # the same numbers as the single evaluations (kNN never sees the flipped copies)
+    knn = run_knn(source, train[0], test[0], settings.replace(image_size=48))
+    lin = run_linear(source, train[0], test[0], settings.replace(image_size=48))
     assert res["evals"][1]["knn"] == knn["results"] and res["evals"][1]["linear"]["top1"] == lin["top1"]
+    assert lin["flip"] is True and lin["num_train"] == 64
     assert len(res["table_rows"]) == 6 and "| 48 | kNN k=5, T=0.1 |" in res["table_rows"][4]
-    assert json.loads((tmp_path / "t.json").read_text())["evals"] == res["evals"]
-    run_transfer("random", train[0], test[0], image_sizes=(32,), ks=(5,), epochs=1, table=str(table), quiet=True,
-                 **common)
-    assert table.read_text().count("| model |") == 1 and table.read_text().count("\n") == 2 + 6 + 2
     assert parse_image_sizes(["native", "64"]) == [None, 64]
     with pytest.raises(ValueError, match="'abc'"):
         parse_image_sizes(["abc"])
 
 
 def test_cli_transfer_several_backbones(tmp_path, capsys):
-    from smi_timm.eval.cli import main
+    from smi_timm.cli.eval import main
     from smi_timm.export import export_backbone
     from smi_timm.models import create_ssl_model
     from smi_timm.resolve import resolve_backbone
@@ -308,9 +324,12 @@ def test_cli_transfer_several_backbones(tmp_path, capsys):
     common = ["--train", train[0], "--test", test[0], "--batch-size", "32", "--max-batches", "1", "--workers", "0",
               "--no-progress", "--epochs", "2"]
     # --model applies to the random floor only; the export records its own architecture and size ("native")
+    table = tmp_path / "t.md"
     rc = main(["transfer", "--weights", str(tmp_path / "export"), "--weights", "random", "--model", "resnet10t",
-               "--image-sizes", "native", "40", "--k", "10", "5", "--out", str(tmp_path / "t.json"), *common])
+               "--image-sizes", "native", "40", "--k", "10", "5", "--out", str(tmp_path / "t.json"),
+               "--table", str(table), *common])
     assert rc == 0
+    assert table.read_text().count("| model |") == 1 and table.read_text().count("\n") == 2 + 12
     res = json.loads((tmp_path / "t.json").read_text())["backbones"]
     assert [r["model"] for r in res] == ["resnet10t", "resnet10t"]
     assert [ev["image_size"] for ev in res[0]["evals"]] == [32, 40]
@@ -323,10 +342,13 @@ def test_cli_transfer_several_backbones(tmp_path, capsys):
 
 @pytest.mark.skipif(not (REPO_DATA / "flowers12" / "test-000000.tar").is_file(), reason="no ../shared/data/flowers12")
 def test_transfer_reads_shards_without_an_index():
+    from smi_timm.eval import EvalSettings
     from smi_timm.eval.transfer import run_transfer
+    from smi_timm.resolve import BackboneSource
 
     d = REPO_DATA / "flowers12"
-    res = run_transfer("random", str(d / "train-000000.tar"), str(d / "test-000000.tar"), model="resnet10t",
-                       image_sizes=(32,), ks=(5,), epochs=1, batch_size=24, max_batches=1, workers=0, progress=False,
-                       quiet=True)
+    res = run_transfer(BackboneSource("random", model="resnet10t"), str(d / "train-000000.tar"),
+                       str(d / "test-000000.tar"), EvalSettings(k=5, extra_k=(), probe_epochs=1, batch_size=24,
+                                                                max_batches=1, workers=0, progress=False),
+                       image_sizes=(32,))
     assert res["evals"][0]["num_train"] == 24 and res["evals"][0]["num_test"] == 24

@@ -11,7 +11,8 @@ import timm
 import torch
 
 import smi_timm  # noqa: F401  (registers the *_cifar names used as `architecture`)
-from smi_timm.export import export_backbone, export_run, load_export, main
+from smi_timm.cli.export import main
+from smi_timm.export import export_backbone, export_run, load_export
 from smi_timm.layout import WEIGHTS_NAME, latest_checkpoint
 from smi_timm.models import build_projector, create_ssl_model
 from smi_timm.models.registry import WeightsMismatchError
@@ -216,7 +217,7 @@ class FakeHfApi:
 def test_push_to_hub_uploads_the_export_with_a_model_card(tmp_path, monkeypatch):
     import huggingface_hub
 
-    from smi_timm.export import main
+    from smi_timm.cli.export import main
     from smi_timm.train import TrainConfig, train
 
     res = train(TrainConfig(model="resnet10t", projector="32-32", image_size=32, augment="cifar",
@@ -234,8 +235,9 @@ def test_push_to_hub_uploads_the_export_with_a_model_card(tmp_path, monkeypatch)
     assert api.calls[0][1] == "org/name" and api.calls[0][2]["private"] is True
     assert {"model.safetensors", "config.json", "README.md"} <= set(api.files)
     card = (out / "README.md").read_text()
-    for text in ("library_name: timm", "timm.create_model('hf-hub:org/name', pretrained=True)", "SMI (Semantic",
-                 "neg_weight=64.0", "eps=0.001", "sample:train", "optimizer lars", "Online kNN monitor at step 2",
+    for text in ("library_name: timm", "timm.create_model('hf-hub:org/name', pretrained=True)",
+                 "Semantic Mutual Information loss", "neg_weight=64.0", "eps=0.001", "sample:train", "optimizer lars",
+                 "Online kNN monitor at step 2",
                  "| resnet10t | export | sample:train | sample:test | kNN k=200 | 31.00 |"):
         assert text in card, text
     # an upload that fails says so, and keeps the export

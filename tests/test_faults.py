@@ -39,7 +39,7 @@ def pretrain(args, timeout=60, **kw):
     """smi-pretrain in a subprocess; returns (CompletedProcess, seconds)."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
     t0 = time.monotonic()
-    proc = subprocess.run([sys.executable, "-m", "smi_timm.train.cli", *args], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-m", "smi_timm.cli.pretrain", *args], capture_output=True, text=True,
                           timeout=timeout, env=env, **kw)
     return proc, time.monotonic() - t0
 
@@ -108,7 +108,7 @@ def test_exception_in_the_loop_with_live_workers_exits(tmp_path):
 
 def test_sigkill_of_the_trainer_leaves_no_worker(tmp_path):
     run = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "-m", "smi_timm.train.cli", *TINY, "--data", "sample:train",
+    proc = subprocess.Popen([sys.executable, "-m", "smi_timm.cli.pretrain", *TINY, "--data", "sample:train",
                              "--epoch-samples", "4000", "--max-steps", "500", "--workers", "2", "--log-every", "1",
                              "--save-every", "0", "--output-dir", str(run)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -133,7 +133,7 @@ def test_kill_9_during_checkpointing_then_resume_finishes(tmp_path):
     args = [*TINY, "--data", "sample:train", "--max-steps", "6", "--workers", "0", "--save-every", "1",
             "--keep-last", "2", "--log-every", "1", "--output-dir", str(run)]
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.Popen([sys.executable, "-m", "smi_timm.train.cli", *args], stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen([sys.executable, "-m", "smi_timm.cli.pretrain", *args], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, env=env)
     killed_in_save = False
     try:

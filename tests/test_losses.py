@@ -21,24 +21,8 @@ ATOL, RTOL = 1e-5, 1e-4
 
 
 def smi_float64(za, zb, neg_weight=DEFAULT_NEG_WEIGHT, eps=DEFAULT_EPS, transform="mi"):
-    """The SMI formula, written independently of the library, element by element where cheap."""
-    a, b = za.double(), zb.double()
-    n, d = a.shape
-
-    def std(x):
-        mu = x.sum(1, keepdim=True) / d
-        var = ((x - mu) ** 2).sum(1, keepdim=True) / d
-        return (x - mu) / torch.sqrt(var + 1e-6)
-
-    rho = std(a) @ std(b).T / d
-    if transform == "mi":
-        dep = 0.5 * math.log(1 + eps) - 0.5 * torch.log(1 + eps - torch.clamp(rho ** 2, max=1.0))
-    else:
-        dep = 0.5 * rho ** 2
-    eye = torch.eye(n, dtype=torch.bool)
-    pos = dep[eye].sum() / n
-    neg = dep[~eye].sum() / (n * (n - 1))
-    return -pos + neg_weight * neg
+    """The SMI formula (the default reading), written independently of the library."""
+    return smi_reading_float64(za, zb, neg_weight, eps, transform)
 
 
 def barlow_float64(za, zb, lambd):

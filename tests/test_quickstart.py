@@ -5,8 +5,7 @@ from types import SimpleNamespace
 
 import pytest
 
-import smi_timm.quickstart as quickstart
-import smi_timm.train
+import smi_timm.cli.quickstart as quickstart
 from smi_timm.export import export_backbone
 from smi_timm.models import create_ssl_model
 
@@ -28,7 +27,7 @@ def test_quickstart_names_the_loss_it_trained(tmp_path, monkeypatch, capsys, los
         scores = {"k200_top1": 30.0, "k200_top5": 70.0, "k20_top1": 31.0, "k20_top5": 71.0}
         return {"pretrained": scores, "random_init": dict(scores, k200_top1=20.0)}
 
-    monkeypatch.setattr(smi_timm.train, "train", fake_train)
+    monkeypatch.setattr(quickstart, "train", fake_train)
     monkeypatch.setattr(quickstart, "knn_pretrained_vs_random", fake_knn)
     assert quickstart.main(["--loss", loss, "--steps", "2", "--output-dir", str(out), "--no-progress"]) == 0
     printed = capsys.readouterr().out

@@ -8,7 +8,7 @@ import pytest
 import timm
 import torch
 
-from smi_timm.analysis import main
+from smi_timm.cli.analyze import main
 from smi_timm.spatial import concentration, feature_map, run_spatial, spatial_maps
 
 

@@ -46,11 +46,12 @@ def assert_same(a, b):
 
 
 @pytest.mark.parametrize("kind", ["run", "checkpoint", "export", "export+projector", "file"])
-def test_init_from_our_weights(tmp_path, source_run, kind, capsys):
+def test_init_from_our_weights(tmp_path, source_run, kind, caplog):
     src_model = source_run.model
     sources = {"run": source_run.run_dir, "checkpoint": list_checkpoints(source_run.run_dir)[-1],
                "export": source_run.export_dir, "export+projector": source_run.run_dir.parent / "with_projector",
                "file": source_run.export_dir / "model.safetensors"}
+    caplog.set_level("INFO", logger="smi_timm")
     model, init = frozen(tmp_path / kind, init_from=str(sources[kind]))
     assert_same(params(model.backbone), params(src_model.backbone))
     with_projector = kind in ("run", "checkpoint", "export+projector")
@@ -59,7 +60,7 @@ def test_init_from_our_weights(tmp_path, source_run, kind, capsys):
         assert_same(params(model.projector), params(src_model.projector))
     else:  # freshly initialised, and the log says so
         assert not torch.equal(model.projector[0].weight, src_model.projector[0].weight)
-        assert "the projector starts fresh" in capsys.readouterr().out
+        assert "the projector starts fresh" in caplog.text
 
 
 def test_init_from_timm_weights_file(tmp_path):

@@ -48,11 +48,56 @@ def test_single_process_run_writes_everything(tmp_path):
     assert res.curve_png is not None and res.curve_png.is_file()
 
 
-@pytest.mark.parametrize("loss", ["barlow", "vicreg"])
+@pytest.mark.parametrize("loss", ["barlow", "vicreg", "simclr"])
 def test_baseline_losses_train(tmp_path, loss):
     res = train(tiny_config(tmp_path / loss, loss=loss, max_steps=2, export=False, optimizer="sgd", lr=0.05))
     assert res.status == "finished" and res.export_dir is None
     assert len(res.metrics_path.read_text().splitlines()) == 2
+
+
+def test_a_new_loss_is_one_module_and_one_registry_line(tmp_path):
+    """A loss written the way the library's are (hyper-parameters as keyword arguments with defaults, an Args
+    docstring), registered with one line, is trained by name from the command line and described by the model card."""
+    import torch.nn.functional as F
+    from torch import nn
+
+    from smi_timm.losses import LOSSES, create_loss
+    from smi_timm.publish import model_card
+    from smi_timm.train import build_parser, config_from_args
+
+    class CosineAgreement(nn.Module):  # the "one module"
+        """Cosine agreement of the two views (a test-only loss).
+
+        Args:
+            scale: multiplies the negative mean cosine similarity. Default 1.
+        """
+
+        def __init__(self, scale: float = 1.0, gather: bool = False):
+            super().__init__()
+            self.scale, self.gather = float(scale), gather
+
+        def forward(self, za, zb):
+            return -self.scale * F.cosine_similarity(za.float(), zb.float(), dim=1).mean()
+
+    LOSSES.register("cosine-test", CosineAgreement, "Cosine agreement")  # the "one registry line"
+    try:
+        assert isinstance(create_loss("cosine-test", scale=3.0), CosineAgreement)
+        assert LOSSES["cosine-test"].hparams["scale"].help.startswith("multiplies the negative mean")
+        base = tiny_config(tmp_path / "run", max_steps=2)
+        parser = build_parser({k: v for k, v in base.to_dict().items() if k not in ("loss", "loss_args")})
+        assert "--scale" in parser.format_help()  # its flag, generated from the registry
+        cfg = config_from_args(parser.parse_args(["--loss", "cosine-test", "--scale", "2"]))
+        assert cfg.loss_args == {"scale": 2.0} and isinstance(cfg.create_loss(), CosineAgreement)
+        res = train(cfg)
+        assert res.status == "finished" and res.model is not None
+        recorded = json.loads((res.run_dir / "run_config.json").read_text())["loss"]
+        assert recorded == {"name": "cosine-test", "scale": 2.0, "gather": False}
+        card = model_card(res.export_dir)
+        assert "Cosine agreement (Cosine agreement of the two views" in card and "scale=2.0" in card
+        with pytest.raises(ValueError, match=r"loss 'cosine-test' has no setting 'neg_weight'.*scale \(default 1.0\)"):
+            TrainConfig(loss="cosine-test", loss_args={"neg_weight": 1.0})
+    finally:
+        LOSSES.unregister("cosine-test")
 
 
 def test_resume_continues_exactly(tmp_path):
@@ -165,15 +210,15 @@ def test_two_process_accelerate_launch(tmp_path):
     assert all(r["world"] == 2 and r["step"] == 3 for r in ranks)
     assert ranks[0]["params"] == ranks[1]["params"]  # DDP kept the replicas identical
     # --sync-bn: torch's SyncBatchNorm needs CUDA, so a CPU run keeps per-process BatchNorm (and says so)
-    assert ranks[0]["syncbn"] == 0 and "SyncBatchNorm needs CUDA devices" in proc.stdout
+    assert ranks[0]["syncbn"] == 0 and "SyncBatchNorm needs CUDA devices" in proc.stderr  # a logged warning
     assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["step_000000002", "step_000000003"]
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3]  # written once, by the main process
 
 
 def test_quickstart_shortened(tmp_path):
+    from smi_timm.cli.quickstart import main
     from smi_timm.export import load_export
-    from smi_timm.quickstart import main
 
     out = tmp_path / "qs"
     assert main(["--steps", "3", "--output-dir", str(out), "--no-progress", "--workers", "0"]) == 0
@@ -291,8 +336,9 @@ def test_throughput_is_recorded_per_window_and_summarised(tmp_path):
         assert 0.0 < r["emb_std"] < 2.0 and 1.0 <= r["emb_rankme"] <= 16  # batch 16 x 64-d embeddings
     summary = json.loads((res.run_dir / "train_summary.json").read_text())
     assert summary["status"] == "finished" and summary["step"] == 6 and summary["windows"] == 2  # first excluded
-    assert res.throughput == {k: v for k, v in summary.items() if k not in ("status", "step", "total_steps")}
-    from smi_timm.train.cli import format_throughput
+    assert res.throughput == {k: v for k, v in summary.items() if k not in ("status", "step", "total_steps", "data")}
+    assert summary["data"] == res.data and res.data["samples"] == 6 * 16  # what the loader read, and any skipped
+    from smi_timm.cli.pretrain import format_throughput
 
     assert "two-view images/s" in format_throughput(res.throughput)
 

@@ -33,6 +33,8 @@ from typing import Optional, Sequence, Tuple, Union
 import torch
 import torch.nn.functional as F
 
+from ..errors import DataError
+
 IMAGENET_MEAN: Tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: Tuple[float, float, float] = (0.229, 0.224, 0.225)
 
@@ -72,7 +74,7 @@ def get_augment_config(augment: Union[str, AugmentConfig]) -> AugmentConfig:
     try:
         return PRESETS[str(augment).lower()]
     except KeyError:
-        raise ValueError(f"unknown augment preset {augment!r}; choose one of {sorted(PRESETS)} "
+        raise DataError(f"unknown augment preset {augment!r}; choose one of {sorted(PRESETS)} "
                          "or pass an AugmentConfig") from None
 
 
@@ -285,7 +287,7 @@ class EvalTransform:
         self.image_size = int(image_size)
         self.crop_pct = default_crop_pct(self.image_size) if crop_pct is None else float(crop_pct)
         if not 0 < self.crop_pct <= 1:
-            raise ValueError(f"crop_pct must be in (0, 1], got {crop_pct}")
+            raise DataError(f"crop_pct must be in (0, 1], got {crop_pct}")
         self.resize_size = int(math.floor(self.image_size / self.crop_pct + 1e-6))
         self.mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)

@@ -4,6 +4,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import List
 
+from ..errors import DataError, NotFoundError
+
 SAMPLE_DIR = Path(__file__).resolve().parent / "sample"
 _SPLITS = ("train", "test")
 
@@ -18,10 +20,10 @@ def sample_shards(split: str = "train") -> List[str]:
         FileNotFoundError: the sample files are missing from the installation.
     """
     if split not in _SPLITS:
-        raise ValueError(f"unknown sample split {split!r}; choose 'train' or 'test'")
+        raise DataError(f"unknown sample split {split!r}; choose 'train' or 'test'")
     paths = sorted(str(p) for p in SAMPLE_DIR.glob(f"{split}-*.tar.gz"))
     if not paths:
-        raise FileNotFoundError(f"bundled sample shards for {split!r} are missing from {SAMPLE_DIR}")
+        raise NotFoundError(f"bundled sample shards for {split!r} are missing from {SAMPLE_DIR}")
     return paths
 
 

@@ -19,6 +19,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 
+from ..errors import DataStallError
 from .pipeline import DeviceTwoView
 from .reading import decode_image
 from .stats import DataStats
@@ -90,7 +91,7 @@ class DeviceStage:
         slot = [index[s] for s in item["slot_image"]]
         valid = [i for i, s in enumerate(slot) if s >= 0]
         if not valid:
-            raise RuntimeError(f"SSL loader: no image of batch {item['batch']} decodes on {self.device} or on the "
+            raise DataStallError(f"SSL loader: no image of batch {item['batch']} decodes on {self.device} or on the "
                                f"CPU, although every one passed the header checks; counters: {self.stats!r}")
         slot = [slot[j] for j in fill_slots(valid, len(slot))]
         extra = ([pix] if pix.numel() else []) + [img.reshape(-1) for img in rescued]
@@ -163,7 +164,7 @@ class Prefetcher:
                 break
             except queue.Empty:
                 if not self._thread.is_alive():
-                    raise RuntimeError("SSL loader: the device stage thread stopped") from None
+                    raise DataStallError("SSL loader: the device stage thread stopped") from None
         self._taken += 1
         if kind == "error":
             raise payload

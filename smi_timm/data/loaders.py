@@ -31,6 +31,7 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 import torch
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
+from ..errors import DataError
 from .augment import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -105,18 +106,22 @@ def _dist_rank_world(rank: Optional[int], world_size: Optional[int]) -> Tuple[in
             rank = 0 if rank is None else rank
             world_size = 1 if world_size is None else world_size
     if world_size < 1 or not 0 <= rank < world_size:
-        raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+        raise DataError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
     return int(rank), int(world_size)
 
 
 def _resolve_shards(urls: UrlSpec, stats: DataStats) -> List[str]:
     if isinstance(urls, (str, os.PathLike)) and os.path.isdir(os.fspath(urls)):
-        raise ValueError(
+        raise DataError(
             f"{os.fspath(urls)!r} is a directory; pass shard files or a pattern such as 'DIR/train-*.tar' "
             "(write shards from an image folder with `smi-make-shards`)"
         )
     return check_local_shards(expand_urls(urls), stats)
 
+
+
+class UnknownLengthError(DataError, TypeError):
+    """``len()`` of a loader whose data has no known size (a ``TypeError`` too, as ``len()`` expects)."""
 
 class _LoaderBase:
     """Counters, explicit shutdown and context-manager use, common to both loaders."""
@@ -228,7 +233,7 @@ class SSLLoader(_LoaderBase):
         The consumed part is skipped at the sample level (its bytes are read and checked, not decoded or augmented).
         Exact for the same seed, rank, world size and ``num_workers``."""
         if not 0 <= int(start_batch) <= self.batches_per_epoch:
-            raise ValueError(f"start_batch must be in [0, {self.batches_per_epoch}], got {start_batch}")
+            raise DataError(f"start_batch must be in [0, {self.batches_per_epoch}], got {start_batch}")
         self._next_epoch = int(epoch)
         self._next_start = int(start_batch)
 
@@ -281,7 +286,7 @@ def _epoch_samples(shards: List[str], epoch_samples: Optional[int], batch_size: 
     if epoch_samples is None:
         counts, _, _ = index_info(shards)
         if counts is None:
-            raise ValueError(
+            raise DataError(
                 "epoch length unknown: no JSON shard index (written by smi-make-shards) lists all of these shards; "
                 "give the samples per epoch over all ranks, e.g. the dataset size: --epoch-samples N on the command "
                 "line, epoch_samples=N in Python (smi_timm.data.count_samples(urls) counts them by reading the shards)"
@@ -289,19 +294,19 @@ def _epoch_samples(shards: List[str], epoch_samples: Optional[int], batch_size: 
         epoch_samples = sum(counts.values())
     epoch_samples = int(epoch_samples)
     if epoch_samples // (world_size * batch_size) < 1:
-        raise ValueError(f"epoch of {epoch_samples} samples is shorter than one batch of {batch_size} per rank "
+        raise DataError(f"epoch of {epoch_samples} samples is shorter than one batch of {batch_size} per rank "
                          f"on {world_size} rank(s)")
     return epoch_samples
 
 
 def _resolve_path(augment_on: str, device: torch.device, backend: str) -> str:
     if augment_on not in ("auto", "cpu", "device"):
-        raise ValueError(f"augment_on must be 'auto', 'cpu' or 'device', got {augment_on!r}")
+        raise DataError(f"augment_on must be 'auto', 'cpu' or 'device', got {augment_on!r}")
     if backend not in ("batched", "v2"):
-        raise ValueError(f"unknown augmentation backend {backend!r}; use 'batched' or 'v2'")
+        raise DataError(f"unknown augmentation backend {backend!r}; use 'batched' or 'v2'")
     if backend == "v2":
         if augment_on == "device":
-            raise ValueError("backend='v2' (per-sample torchvision transforms) runs in the CPU workers; "
+            raise DataError("backend='v2' (per-sample torchvision transforms) runs in the CPU workers; "
                              "use augment_on='cpu' or 'auto' with it")
         return "cpu"
     if augment_on == "auto":
@@ -373,9 +378,9 @@ def make_ssl_loader(
         FileNotFoundError: a glob that matches nothing, or only missing shard files.
     """
     if batch_size < 1 or image_size < 1:
-        raise ValueError(f"batch_size and image_size must be positive, got {batch_size}, {image_size}")
+        raise DataError(f"batch_size and image_size must be positive, got {batch_size}, {image_size}")
     if out_dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        raise ValueError(f"out_dtype must be torch.float32, torch.bfloat16 or torch.float16, got {out_dtype}")
+        raise DataError(f"out_dtype must be torch.float32, torch.bfloat16 or torch.float16, got {out_dtype}")
     cfg = get_augment_config(augment)
     dev = torch.device(device) if device is not None else torch.device("cpu")
     path = _resolve_path(augment_on, dev, backend)
@@ -511,7 +516,7 @@ class EvalLoader(_LoaderBase):
 
     def __len__(self) -> int:
         if self.num_batches is None:
-            raise TypeError("length unknown: no JSON shard index lists these shards")
+            raise UnknownLengthError("length unknown: no JSON shard index lists these shards")
         return self.num_batches
 
     def __iter__(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
@@ -532,7 +537,7 @@ class EvalLoader(_LoaderBase):
         finally:
             pool.close()
         if labelled == 0 and self._stats["missing_label"] > 0:
-            raise ValueError(f"evaluation needs labelled samples (an image and a 'cls' entry), but these shards have "
+            raise DataError(f"evaluation needs labelled samples (an image and a 'cls' entry), but these shards have "
                              f"no labels ({self._stats['missing_label']} samples without 'cls'); write labelled shards "
                              f"from a folder with one sub-folder per class: smi-make-shards DIR OUT/val-%06d.tar")
 
@@ -573,7 +578,7 @@ def make_eval_loader(
             iteration that found no label at all).
     """
     if batch_size < 1 or image_size < 1:
-        raise ValueError(f"batch_size and image_size must be positive, got {batch_size}, {image_size}")
+        raise DataError(f"batch_size and image_size must be positive, got {batch_size}, {image_size}")
     rank, world_size = _dist_rank_world(rank, world_size)
     transform = EvalTransform(image_size, crop_pct, mean, std)
     stats = DataStats()
@@ -587,7 +592,7 @@ def make_eval_loader(
     shards = check_local_shards(expand_urls(urls), stats)
     counts, classes, unlabeled = index_info(shards)
     if unlabeled:
-        raise ValueError(
+        raise DataError(
             f"{len(unlabeled)} of the {len(shards)} shard(s) are unlabeled (their index says \"labeled\": false, e.g. "
             f"{unlabeled[0]!r}): evaluation needs labels; use them for pretraining (smi-pretrain), and evaluate on "
             f"labelled shards, written from a folder with one sub-folder per class: "

@@ -1,4 +1,4 @@
-"""Regenerate the bundled CIFAR-10 sample: ``python -m smi_timm.data.make_sample SRC_DIR [--out DIR]``.
+"""Regenerate the bundled CIFAR-10 sample: ``python -m smi_timm.cli.make_sample SRC_DIR [--out DIR]``.
 
 SRC_DIR holds the CIFAR-10 WebDataset shards (``train-000000.tar.gz`` ... ``train-000004.tar.gz``,
 ``test-000000.tar.gz``; samples ``<split>_<index>`` with ``jpg`` and ``cls``) and ``classes.txt``.
@@ -10,14 +10,13 @@ classes are sorted by numeric index and shuffled with the same ``rng``; that ord
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import os
 import random
-import sys
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Sequence, Tuple
 
+from ..errors import DataError, NotFoundError
 from .reading import iter_shard
 from .shards import ShardSink, write_index
 from .stats import DataStats
@@ -51,7 +50,7 @@ def select(samples: Dict[str, Tuple[int, bytes]], per_class: int, num_classes: i
     for c in range(num_classes):
         keys = sorted(by_class[c], key=_index_of)
         if len(keys) < per_class:
-            raise ValueError(f"class {c} has only {len(keys)} images, need {per_class}")
+            raise DataError(f"class {c} has only {len(keys)} images, need {per_class}")
         chosen += rng.sample(keys, per_class)
     chosen.sort(key=_index_of)
     rng.shuffle(chosen)
@@ -61,14 +60,14 @@ def select(samples: Dict[str, Tuple[int, bytes]], per_class: int, num_classes: i
 def _read_split(src: Path, split: str) -> Tuple[Dict[str, Tuple[int, bytes]], List[Path]]:
     shards = sorted(src.glob(f"{split}-*.tar.gz")) or sorted(src.glob(f"{split}-*.tar"))
     if not shards:
-        raise FileNotFoundError(f"no {split}-*.tar.gz shards in {src}")
+        raise NotFoundError(f"no {split}-*.tar.gz shards in {src}")
     stats = DataStats()
     samples: Dict[str, Tuple[int, bytes]] = {}
     for shard in shards:
         for s in iter_shard(str(shard), stats):
             samples[s["__key__"]] = (int(s["cls"].decode("ascii")), s["jpg"])
     if stats.problems():
-        raise ValueError(f"problems reading the {split} source shards: {stats.problems()}")
+        raise DataError(f"problems reading the {split} source shards: {stats.problems()}")
     return samples, shards
 
 
@@ -153,18 +152,3 @@ python -m smi_timm.data.make_sample SRC_DIR        # SRC_DIR: the CIFAR-10 shard
 |---|---|---|---|
 {class_rows}
 """
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m smi_timm.data.make_sample", description=__doc__.splitlines()[0])
-    p.add_argument("src", help="folder with the CIFAR-10 shards (train-*.tar.gz, test-*.tar.gz) and classes.txt")
-    p.add_argument("--out", default=str(DEFAULT_OUT), help="output folder (default: the package's sample folder)")
-    p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args(argv)
-    out = make_sample(args.src, args.out, args.seed)
-    print(f"wrote sample to {out}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

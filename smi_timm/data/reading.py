@@ -17,6 +17,8 @@ import zlib
 from typing import TYPE_CHECKING, Dict, Iterable, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
 from urllib.parse import urlparse
 
+from ..errors import DataError, NotFoundError
+from .bundled import sample_shards
 from .stats import DataStats
 
 if TYPE_CHECKING:  # torch and numpy are imported where needed, so the shard writer starts fast
@@ -86,8 +88,6 @@ def _sample_spec(part: str) -> Optional[List[str]]:
     """The bundled sample's shard paths when ``part`` is ``sample`` or ``sample:<split>``, else ``None``."""
     if part != "sample" and not part.startswith("sample:"):
         return None
-    from .bundled import sample_shards
-
     return sample_shards(part.partition(":")[2] or "train")
 
 
@@ -107,7 +107,7 @@ def expand_urls(urls: UrlSpec) -> List[str]:
     if isinstance(urls, (str, os.PathLike)):
         specs = [os.fspath(urls)]
     elif urls is None:
-        raise ValueError("no shards given (urls is None)")
+        raise DataError("no shards given (urls is None)")
     else:
         specs = [os.fspath(u) for u in urls]
     out: List[str] = []
@@ -124,12 +124,12 @@ def expand_urls(urls: UrlSpec) -> List[str]:
                 if _is_local(url) and _GLOB_CHARS.search(_local_path(url)):
                     matches = sorted(glob.glob(os.path.expanduser(_local_path(url))))
                     if not matches:
-                        raise FileNotFoundError(f"shard pattern {url!r} matched no files")
+                        raise NotFoundError(f"shard pattern {url!r} matched no files")
                     out.extend(matches)
                 else:
                     out.append(os.path.expanduser(url) if _is_local(url) else url)
     if not out:
-        raise ValueError(f"no shards given: {urls!r} expands to an empty list")
+        raise DataError(f"no shards given: {urls!r} expands to an empty list")
     return out
 
 
@@ -149,7 +149,7 @@ def check_local_shards(urls: Sequence[str], stats: Optional[DataStats] = None) -
         stats.add("missing_shard", len(missing))
     if not keep:
         shown = ", ".join(repr(m) for m in missing[:3]) + (" ..." if len(missing) > 3 else "")
-        raise FileNotFoundError(f"none of the {len(missing)} shard file(s) exist: {shown}")
+        raise NotFoundError(f"none of the {len(missing)} shard file(s) exist: {shown}")
     if missing:
         import warnings
 
@@ -168,7 +168,7 @@ def read_index(path: Union[str, os.PathLike]) -> dict:
     with open(path, "r", encoding="utf-8") as f:
         index = json.load(f)
     if not isinstance(index, dict) or "shards" not in index:
-        raise ValueError(f"{path}: not a shard index (no 'shards' entry)")
+        raise DataError(f"{path}: not a shard index (no 'shards' entry)")
     return index
 
 
@@ -272,7 +272,11 @@ class _ReadAdapter(io.RawIOBase):
             super().close()
 
 
-class TarFormatError(ValueError):
+class TruncatedShardError(DataError, EOFError):
+    """A shard that ends in the middle of a tar member (an ``EOFError`` too)."""
+
+
+class TarFormatError(DataError):
     """A tar header is damaged (bad checksum or number field)."""
 
 
@@ -309,7 +313,7 @@ def _read_exact(f, n: int) -> bytes:
     while got < n:
         chunk = f.read(n - got)
         if not chunk:
-            raise EOFError(f"unexpected end of data: wanted {n} bytes, got {got}")
+            raise TruncatedShardError(f"unexpected end of data: wanted {n} bytes, got {got}")
         parts.append(chunk)
         got += len(chunk)
     return b"".join(parts)
@@ -357,7 +361,7 @@ def iter_tar_members(f) -> Iterator[Tuple[str, bytes]]:
         if len(hdr) < 512:
             if not hdr:
                 if first:
-                    raise EOFError("empty shard")
+                    raise TruncatedShardError("empty shard")
                 return  # end of data without the end-of-archive blocks: accepted, like tar does
             hdr += _read_exact(f, 512 - len(hdr))
         first = False

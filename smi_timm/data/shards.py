@@ -13,7 +13,6 @@ carry mtime 0, uid/gid 0, no user names; gzip headers carry no name or time).
 """
 from __future__ import annotations
 
-import argparse
 import gzip
 import io
 import json
@@ -26,6 +25,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterable, List, Optional, Sequence, Tuple, Union
 
+from ..errors import DataError, NotFoundError
 from .reading import INDEX_FORMAT, SHARD_SUFFIXES
 
 PathLike = Union[str, os.PathLike]
@@ -62,12 +62,12 @@ def _check_pattern(pattern: str) -> None:
     try:
         a, b = pattern % 0, pattern % 1
     except (TypeError, ValueError):
-        raise ValueError(f"output pattern {pattern!r} needs one integer field such as %06d, "
+        raise DataError(f"output pattern {pattern!r} needs one integer field such as %06d, "
                          "e.g. out/train-%06d.tar") from None
     if a == b:
-        raise ValueError(f"output pattern {pattern!r} needs one integer field such as %06d")
+        raise DataError(f"output pattern {pattern!r} needs one integer field such as %06d")
     if not any(a.endswith(s) for s in SHARD_SUFFIXES):
-        raise ValueError(f"output pattern {pattern!r} must end in one of {', '.join(SHARD_SUFFIXES)}")
+        raise DataError(f"output pattern {pattern!r} must end in one of {', '.join(SHARD_SUFFIXES)}")
 
 
 class ShardSink:
@@ -81,7 +81,7 @@ class ShardSink:
         self.pattern = os.fspath(pattern)
         _check_pattern(self.pattern)
         if maxcount < 1 or maxsize < 1024:
-            raise ValueError(f"maxcount must be >= 1 and maxsize >= 1024, got {maxcount}, {maxsize}")
+            raise DataError(f"maxcount must be >= 1 and maxsize >= 1024, got {maxcount}, {maxsize}")
         self.maxcount = int(maxcount)
         self.maxsize = int(maxsize)
         self.compresslevel = int(compresslevel)
@@ -118,7 +118,7 @@ class ShardSink:
 
     def write(self, key: str, entries: dict) -> None:
         if "." in key.rsplit("/", 1)[-1]:
-            raise ValueError(f"sample key {key!r} must not contain a dot")
+            raise DataError(f"sample key {key!r} must not contain a dot")
         size = sum(_member_bytes(len(v)) for v in entries.values())
         if self._tar is None or self._count >= self.maxcount or (self._count > 0 and self._bytes + size > self.maxsize):
             self._open_next()
@@ -191,7 +191,7 @@ def _list_folder(root: Path, unlabeled: Optional[bool] = None) -> _Source:
     if unlabeled or (unlabeled is None and not classes):
         return _Source([(p, -1) for p in _walk(root)], None, 0, [], labeled=False)
     if not classes:
-        raise ValueError(f"{root}: no class sub-folders (expected ROOT/<class>/<image> with --labeled; "
+        raise DataError(f"{root}: no class sub-folders (expected ROOT/<class>/<image> with --labeled; "
                          f"without it, a folder of images is written as unlabeled shards)")
     items = [(p, idx) for idx, name in enumerate(classes) for p in _walk(root / name)]
     return _Source(items, classes, len(classes), [])
@@ -202,9 +202,9 @@ def _list_source(src: Path, unlabeled: Optional[bool]) -> _Source:
         return _list_folder(src, unlabeled)
     if src.is_file():
         if unlabeled:
-            raise ValueError(f"{os.fspath(src)!r} is a file; --unlabeled takes a folder of images")
+            raise DataError(f"{os.fspath(src)!r} is a file; --unlabeled takes a folder of images")
         return _list_textfile(src)
-    raise FileNotFoundError(f"source {os.fspath(src)!r} is neither a directory nor a text file")
+    raise NotFoundError(f"source {os.fspath(src)!r} is neither a directory nor a text file")
 
 
 def _list_textfile(path: Path) -> _Source:
@@ -393,49 +393,3 @@ def write_shards(
         num_samples=sum(counts), num_classes=source.num_classes, classes=source.classes, reencoded=reencoded,
         skipped=skipped, seconds=time.perf_counter() - t0, labeled=source.labeled,
     )
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="smi-make-shards",
-        description="Write an image folder (one sub-folder per class, or unlabeled images) or a 'path<TAB>label' "
-                    "list as WebDataset shards with a JSON index.",
-    )
-    parser.add_argument("src", help="ImageFolder-style directory, folder of unlabeled images, or text file of "
-                                    "path<TAB>label lines")
-    parser.add_argument("out_pattern", help="shard pattern with an integer field, e.g. out/train-%%06d.tar or .tar.gz")
-    parser.add_argument("--maxcount", type=int, default=10000, help="samples per shard at most (default 10000)")
-    parser.add_argument("--maxsize", type=int, default=1 << 30, help="tar bytes per shard at most (default 1 GiB)")
-    parser.add_argument("--shuffle-seed", type=int, default=0,
-                        help="seed of the sample shuffle (default 0); -1 keeps the sorted listing order")
-    parser.add_argument("--quality", type=int, default=95, help="JPEG quality for re-encoded images (default 95)")
-    parser.add_argument("--workers", type=int, default=1, help="processes reading images (default 1)")
-    parser.add_argument("--summary-json", default=None, help="also write the summary (with all skipped files) here")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    labels = parser.add_mutually_exclusive_group()
-    labels.add_argument("--unlabeled", dest="unlabeled", action="store_const", const=True, default=None,
-                        help="no labels: every image under SRC, recursively (default when SRC has no sub-folders)")
-    labels.add_argument("--labeled", dest="unlabeled", action="store_const", const=False,
-                        help="require class sub-folders (SRC/<class>/<image>)")
-    args = parser.parse_args(argv)
-    try:
-        summary = write_shards(
-            args.src, args.out_pattern, maxcount=args.maxcount, maxsize=args.maxsize,
-            shuffle_seed=None if args.shuffle_seed < 0 else args.shuffle_seed, quality=args.quality,
-            workers=args.workers, progress=not args.no_progress, unlabeled=args.unlabeled,
-        )
-    except (OSError, ValueError) as e:
-        print(f"smi-make-shards: error: {e}", file=sys.stderr)
-        return 2
-    print(summary.format())
-    if args.summary_json:
-        with open(args.summary_json, "w", encoding="utf-8") as f:
-            json.dump(summary.to_dict(), f, indent=1)
-    if summary.num_samples == 0:
-        print("smi-make-shards: error: no readable images found", file=sys.stderr)
-        return 1
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from ..errors import DataStallError
 from .augment import AugmentConfig, V2TwoViewAugment, batch_seed
 from .pipeline import CPUTwoView
 from .reading import ImageProbe, decode_image, iter_shard, probe_image, sample_image_bytes
@@ -143,7 +144,7 @@ class SSLStream(IterableDataset):
                 yield data
             empty = 0 if got else empty + 1
             if empty > limit:
-                raise RuntimeError(f"SSL loader: {empty} shards in a row gave no sample with an image (the last: "
+                raise DataStallError(f"SSL loader: {empty} shards in a row gave no sample with an image (the last: "
                                    f"{url!r}); are these WebDataset tar shards of images? counters: {stats!r}")
 
     @staticmethod
@@ -172,7 +173,7 @@ class SSLStream(IterableDataset):
                 stats.add("undecodable")
                 bad_run += 1
                 if bad_run > self.bad_limit:
-                    raise RuntimeError(f"SSL loader: {bad_run} undecodable samples in a row; counters: {stats!r}")
+                    raise DataStallError(f"SSL loader: {bad_run} undecodable samples in a row; counters: {stats!r}")
             else:
                 bad_run = 0
                 usable = True

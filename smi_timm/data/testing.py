@@ -8,7 +8,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .shards import ShardSink, write_index
+from .shards import ShardSink, split_name, write_index
 
 
 def level_of(i: int) -> int:
@@ -63,8 +63,6 @@ def write_samples(pattern: os.PathLike, samples: Sequence[Tuple[str, dict]], max
         for key, entries in samples:
             sink.write(key, entries)
     if index:
-        from .shards import split_name
-
         split = split or split_name(pattern)
         write_index(Path(os.fspath(pattern)).parent / f"{split}.json", split, sink.paths, sink.counts, classes,
                     num_classes=len(classes) if classes else 0)

@@ -5,10 +5,11 @@
   loaders understand them all) into the deterministic eval loader, and passes an iterable of batches through;
 * :func:`extract_pair` extracts the features of a bank split and a query split (what kNN and linear probes need),
   through the cache;
-* the cache: in memory (the last two pairs) and, with a ``cache_dir``, on disk as
-  ``CACHE_DIR/features-<key>.safetensors`` (``train_feats``, ``train_labels``, ``test_feats``, ``test_labels``).
-  ``key`` (:func:`feature_cache_key`) hashes the model weights (file sha256, or the random-init seed), the data specs,
-  the image size and the extraction options, so any change gives a new file.
+* the cache: with a ``cache_dir``, on disk as ``CACHE_DIR/features-<key>.safetensors`` (``train_feats``,
+  ``train_labels``, ``test_feats``, ``test_labels``). ``key`` (:func:`feature_cache_key`) hashes the model weights
+  (file sha256, or the random-init seed), the data specs, the image size and the extraction options, so any change
+  gives a new file. Within one process nothing is cached behind the caller's back: code that needs the same
+  features twice (kNN and the probe of one size) keeps the :class:`FeaturePair` it got.
 """
 from __future__ import annotations
 
@@ -16,7 +17,6 @@ import hashlib
 import json
 import os
 import time
-from collections import OrderedDict
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,9 +25,13 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
+from ..data import make_eval_loader
+from ..errors import ConfigError, InputError
+from ..layout import atomic_write_bytes
+
 __all__ = ["extract_features", "resolve_amp_dtype", "DataSpec", "eval_loader", "loader_urls", "data_list",
            "data_label", "is_data_spec", "FeaturePair", "extract_pair", "feature_cache_key", "load_cached_features",
-           "save_cached_features", "clear_memory_cache"]
+           "save_cached_features"]
 
 #: Shard pattern(s), an ImageFolder dir, ``sample:train`` / ``sample:test``, or a list of those.
 DataSpec = Union[str, os.PathLike, Sequence[Union[str, os.PathLike]]]
@@ -46,7 +50,7 @@ def resolve_amp_dtype(amp: Union[None, str, torch.dtype]) -> Optional[torch.dtyp
         return torch.bfloat16
     if text in ("fp16", "float16", "half"):
         return torch.float16
-    raise ValueError(f"amp={amp!r} is not one of 'no', 'bf16', 'fp16'")
+    raise ConfigError(f"amp={amp!r} is not one of 'no', 'bf16', 'fp16'")
 
 
 def _model_device(model: nn.Module) -> torch.device:
@@ -58,7 +62,7 @@ def _model_device(model: nn.Module) -> torch.device:
 def _unpack(batch: Any) -> Tuple[torch.Tensor, Any]:
     if isinstance(batch, (tuple, list)) and len(batch) >= 2:
         return batch[0], batch[1]
-    raise TypeError(f"the loader must yield (images, labels) batches, got {type(batch).__name__}")
+    raise InputError(f"the loader must yield (images, labels) batches, got {type(batch).__name__}")
 
 
 def extract_features(model: nn.Module, loader: Iterable, device: Optional[Union[str, torch.device]] = None,
@@ -100,7 +104,7 @@ def extract_features(model: nn.Module, loader: Iterable, device: Optional[Union[
         if isinstance(out, (tuple, list)):
             out = out[output_index]
         if out.ndim != 2:
-            raise RuntimeError(f"the model returned {tuple(out.shape)} for a batch; expected (batch, features). Use a "
+            raise InputError(f"the model returned {tuple(out.shape)} for a batch; expected (batch, features). Use a "
                                f"timm backbone created with num_classes=0 (global pooling on).")
         return out.float().cpu()
 
@@ -123,13 +127,13 @@ def extract_features(model: nn.Module, loader: Iterable, device: Optional[Union[
     finally:
         model.train(was_training)
     if not feats:
-        raise ValueError("the loader yielded no batches: check the data paths/patterns")
+        raise ConfigError("the loader yielded no batches: check the data paths/patterns")
     out_feats = torch.cat(feats + flipped)
     out_labels = torch.cat(labels)
     if flip:
         out_labels = torch.cat([out_labels, out_labels])
     if out_feats.shape[0] != out_labels.shape[0]:
-        raise ValueError(f"{out_feats.shape[0]} feature rows but {out_labels.shape[0]} labels: each batch needs one "
+        raise ConfigError(f"{out_feats.shape[0]} feature rows but {out_labels.shape[0]} labels: each batch needs one "
                          f"label per image")
     return out_feats, out_labels
 
@@ -177,8 +181,6 @@ def eval_loader(data: Any, *, batch_size: int, image_size: int, workers: Optiona
     ``(images, labels)`` batches is returned as it is. ``mean``/``std``/``crop_pct`` None: the loader's defaults."""
     if not is_data_spec(data):
         return data
-    from ..data import make_eval_loader
-
     norm = {k: tuple(float(x) for x in v) for k, v in (("mean", mean), ("std", std)) if v is not None}
     return make_eval_loader(loader_urls(data), batch_size=batch_size, image_size=image_size, num_workers=workers,
                             crop_pct=None if crop_pct is None else float(crop_pct), **norm)
@@ -198,9 +200,20 @@ class FeaturePair:
     query_labels: torch.Tensor
     cached: bool = False
     times: Dict[str, float] = field(default_factory=dict)  #: extract_train_s, extract_test_s
+    #: the bank holds the features of the flipped training images too (after all the originals): the probe uses
+    #: them all, kNN only the originals (:meth:`unflipped`)
+    flipped: bool = False
 
     def tensors(self) -> Features:
         return self.bank, self.bank_labels, self.query, self.query_labels
+
+    def unflipped(self) -> "FeaturePair":
+        """The pair without the flipped training images' features (itself when it has none)."""
+        if not self.flipped:
+            return self
+        n = self.bank.shape[0] // 2
+        return FeaturePair(self.bank[:n], self.bank_labels[:n], self.query, self.query_labels, self.cached,
+                           dict(self.times))
 
     @property
     def num_classes(self) -> int:
@@ -217,12 +230,12 @@ def extract_pair(model: nn.Module, bank: Any, query: Any, *, image_size: int, ba
     """Features of ``bank`` and ``query`` (data specs or iterables of batches; see :func:`eval_loader`).
 
     ``flip`` adds the flipped bank images' features (linear-probe training); ``max_batches`` caps each split. With a
-    ``cache_key`` the pair is looked up in (and saved to) the memory cache and ``cache_dir``.
+    ``cache_key`` and a ``cache_dir`` the pair is looked up in (and saved to) the on-disk cache.
     """
-    if cache_key is not None:
+    if cache_key is not None and cache_dir is not None:
         hit = load_cached_features(cache_key, cache_dir)
         if hit is not None:
-            return FeaturePair(*hit, cached=True, times={"extract_train_s": 0.0, "extract_test_s": 0.0})
+            return FeaturePair(*hit, cached=True, times={"extract_train_s": 0.0, "extract_test_s": 0.0}, flipped=flip)
     opts = dict(batch_size=batch_size, image_size=image_size, workers=workers, mean=mean, std=std, crop_pct=crop_pct)
     run = dict(device=device, amp_dtype=amp, max_batches=max_batches, progress=progress)
     t0 = time.perf_counter()
@@ -231,14 +244,10 @@ def extract_pair(model: nn.Module, bank: Any, query: Any, *, image_size: int, ba
     t1 = time.perf_counter()
     query_feats, query_labels = extract_features(model, eval_loader(query, **opts), desc="test features", **run)
     pair = FeaturePair(bank_feats, bank_labels, query_feats, query_labels,
-                       times={"extract_train_s": t1 - t0, "extract_test_s": time.perf_counter() - t1})
-    if cache_key is not None:
+                       times={"extract_train_s": t1 - t0, "extract_test_s": time.perf_counter() - t1}, flipped=flip)
+    if cache_key is not None and cache_dir is not None:
         save_cached_features(cache_key, pair.tensors(), cache_dir, metadata=metadata)
     return pair
-
-
-_MEMORY_CACHE: "OrderedDict[str, Features]" = OrderedDict()
-_MEMORY_CACHE_SIZE = 2
 
 
 def feature_cache_key(**parts: Any) -> str:
@@ -251,45 +260,23 @@ def _cache_path(cache_dir: Union[str, os.PathLike], key: str) -> Path:
     return Path(cache_dir) / f"features-{key}.safetensors"
 
 
-def load_cached_features(key: str, cache_dir: Optional[Union[str, os.PathLike]] = None) -> Optional[Features]:
-    """``(train_feats, train_labels, test_feats, test_labels)`` from memory or ``cache_dir``; None on a miss."""
-    if key in _MEMORY_CACHE:
-        _MEMORY_CACHE.move_to_end(key)
-        return _MEMORY_CACHE[key]
-    if cache_dir is None or not _cache_path(cache_dir, key).is_file():
+def load_cached_features(key: str, cache_dir: Union[str, os.PathLike]) -> Optional[Features]:
+    """``(train_feats, train_labels, test_feats, test_labels)`` from ``cache_dir``; None on a miss."""
+    if not _cache_path(cache_dir, key).is_file():
         return None
     from safetensors.torch import load_file
 
     d = load_file(str(_cache_path(cache_dir, key)))
-    feats = (d["train_feats"], d["train_labels"], d["test_feats"], d["test_labels"])
-    _remember(key, feats)
-    return feats
+    return d["train_feats"], d["train_labels"], d["test_feats"], d["test_labels"]
 
 
-def save_cached_features(key: str, feats: Features, cache_dir: Optional[Union[str, os.PathLike]] = None,
-                         metadata: Optional[Dict[str, str]] = None) -> Optional[Path]:
-    """Keep ``feats`` in memory and, with ``cache_dir``, write them atomically to ``features-<key>.safetensors``."""
-    _remember(key, feats)
-    if cache_dir is None:
-        return None
+def save_cached_features(key: str, feats: Features, cache_dir: Union[str, os.PathLike],
+                         metadata: Optional[Dict[str, str]] = None) -> Path:
+    """Write ``feats`` atomically to ``CACHE_DIR/features-<key>.safetensors``; returns the path."""
     from safetensors.torch import save
-
-    from ..layout import atomic_write_bytes
 
     names = ("train_feats", "train_labels", "test_feats", "test_labels")
     data = save({n: t.contiguous() for n, t in zip(names, feats)}, metadata=dict(metadata or {}))
     path = _cache_path(cache_dir, key)
     atomic_write_bytes(path, data)
     return path
-
-
-def _remember(key: str, feats: Features) -> None:
-    _MEMORY_CACHE[key] = feats
-    _MEMORY_CACHE.move_to_end(key)
-    while len(_MEMORY_CACHE) > _MEMORY_CACHE_SIZE:
-        _MEMORY_CACHE.popitem(last=False)
-
-
-def clear_memory_cache() -> None:
-    """Forget the in-memory feature cache."""
-    _MEMORY_CACHE.clear()

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import ConfigError
 from .features import FeaturePair, extract_pair
 
 __all__ = ["knn_classify", "knn_classify_multi", "knn_evaluate", "KnnResult"]
@@ -28,14 +29,14 @@ def knn_classify_multi(train_feats: torch.Tensor, train_labels: torch.Tensor, te
     """:func:`knn_classify` for several ``k`` at once (one similarity pass): ``{k: {"top1": %, "top5": %}}``."""
     ks = sorted({int(k) for k in ks}, reverse=True)
     if not ks or ks[-1] < 1:
-        raise ValueError(f"k must be positive integers, got {ks}")
+        raise ConfigError(f"k must be positive integers, got {ks}")
     if T <= 0:
-        raise ValueError(f"temperature T must be > 0, got {T}")
+        raise ConfigError(f"temperature T must be > 0, got {T}")
     if train_feats.ndim != 2 or test_feats.ndim != 2 or train_feats.shape[1] != test_feats.shape[1]:
-        raise ValueError(f"features must be (N, D) with the same D; got train {tuple(train_feats.shape)} and test "
+        raise ConfigError(f"features must be (N, D) with the same D; got train {tuple(train_feats.shape)} and test "
                          f"{tuple(test_feats.shape)}")
     if train_feats.shape[0] != train_labels.shape[0] or test_feats.shape[0] != test_labels.shape[0]:
-        raise ValueError("one label per feature row is needed (train and test)")
+        raise ConfigError("one label per feature row is needed (train and test)")
     device = torch.device(device) if device is not None else train_feats.device
     train = F.normalize(train_feats.to(device, torch.float32), dim=1)
     test = F.normalize(test_feats.to(device, torch.float32), dim=1)

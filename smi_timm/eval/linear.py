@@ -14,6 +14,8 @@ from typing import Dict, Optional, Tuple, Union
 import torch
 import torch.nn.functional as F
 
+from ..errors import ConfigError
+
 __all__ = ["train_linear_probe", "standardize"]
 
 
@@ -41,7 +43,7 @@ def train_linear_probe(train_feats: torch.Tensor, train_labels: torch.Tensor, te
         ``{"top1", "top5"}`` on the test set and ``"train_top1"``, ``"train_loss"`` (last epoch, mean) in percent/nats.
     """
     if epochs < 1 or batch_size < 1 or lr <= 0:
-        raise ValueError(f"need epochs >= 1, batch_size >= 1, lr > 0 (got {epochs}, {batch_size}, {lr})")
+        raise ConfigError(f"need epochs >= 1, batch_size >= 1, lr > 0 (got {epochs}, {batch_size}, {lr})")
     device = torch.device(device) if device is not None else train_feats.device
     old_threads = torch.get_num_threads()
     if device.type == "cpu" and num_threads:

@@ -1,8 +1,11 @@
 """Self-supervised losses: SMI (ours) and the Barlow Twins / VICReg / SimCLR baselines, one loss per module.
 
-``create_loss(name, **kwargs)`` builds any of them by name (``"smi"``, ``"barlow"``, ``"vicreg"``, ``"simclr"``).
+``create_loss(name, **kwargs)`` builds any of them by name; :data:`LOSSES` is the registry (display names and
+hyper-parameters, read from each loss's constructor and docstring: :mod:`smi_timm.losses.registry`). A new loss is
+one module here and one ``LOSSES.register`` line below.
 """
 from .barlow import BarlowTwinsLoss, barlow_twins_loss
+from .registry import HParam, LossEntry, LossRegistry
 from .simclr import SimCLRLoss, simclr_loss
 from .smi import SMILoss, dependency_matrix, smi_loss, smi_loss_reference
 from .vicreg import VICRegLoss, vicreg_loss
@@ -10,17 +13,18 @@ from .vicreg import VICRegLoss, vicreg_loss
 __all__ = [
     "SMILoss", "smi_loss", "smi_loss_reference", "dependency_matrix",
     "BarlowTwinsLoss", "barlow_twins_loss", "VICRegLoss", "vicreg_loss", "SimCLRLoss", "simclr_loss",
-    "LOSSES", "create_loss",
+    "LOSSES", "create_loss", "LossEntry", "LossRegistry", "HParam",
 ]
 
-LOSSES = {"smi": SMILoss, "barlow": BarlowTwinsLoss, "vicreg": VICRegLoss, "simclr": SimCLRLoss}
+LOSSES = LossRegistry()
+LOSSES.register("smi", SMILoss, "SMI")
+LOSSES.register("barlow", BarlowTwinsLoss, "Barlow Twins")
+LOSSES.register("vicreg", VICRegLoss, "VICReg")
+LOSSES.register("simclr", SimCLRLoss, "SimCLR")
 
 
 def create_loss(name: str, **kwargs):
-    """Create a loss module by name: ``smi`` (SMILoss), ``barlow`` (BarlowTwinsLoss), ``vicreg`` (VICRegLoss) or
-    ``simclr`` (SimCLRLoss)."""
-    try:
-        cls = LOSSES[name]
-    except KeyError:
-        raise ValueError(f"unknown loss {name!r}; valid values are: {', '.join(map(repr, LOSSES))}") from None
-    return cls(**kwargs)
+    """Create a registered loss module by name (``smi``, ``barlow``, ``vicreg``, ``simclr``, ...) with its
+    hyper-parameters (and ``gather``) as keyword arguments."""
+    gather = kwargs.pop("gather", None)
+    return LOSSES[name].create(kwargs, gather=gather)

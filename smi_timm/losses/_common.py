@@ -5,6 +5,8 @@ from typing import Tuple
 
 import torch
 
+from ..errors import ConfigError
+
 VALID_TRANSFORMS = ("mi", "square")
 VALID_BACKENDS = ("auto", "torch", "triton")
 
@@ -13,31 +15,31 @@ def check_embeddings(za: torch.Tensor, zb: torch.Tensor, loss_name: str) -> None
     """Validate a pair of ``(N, D)`` embedding batches; raise ``ValueError`` naming the shapes otherwise."""
     for name, z in (("za", za), ("zb", zb)):
         if not isinstance(z, torch.Tensor):
-            raise ValueError(f"{loss_name}: {name} must be a torch.Tensor, got {type(z).__name__}")
+            raise ConfigError(f"{loss_name}: {name} must be a torch.Tensor, got {type(z).__name__}")
         if z.ndim != 2:
-            raise ValueError(
+            raise ConfigError(
                 f"{loss_name}: {name} must be a 2-D (N, D) batch of embeddings, got shape {tuple(z.shape)} "
                 f"({z.ndim}-D). Flatten extra dimensions first, e.g. z.flatten(1)."
             )
         if not z.is_floating_point():
-            raise ValueError(
+            raise ConfigError(
                 f"{loss_name}: {name} must be a floating tensor (float32/float16/bfloat16/float64), got {z.dtype} "
                 f"with shape {tuple(z.shape)}. Cast it with .float()."
             )
     if za.shape != zb.shape:
-        raise ValueError(
+        raise ConfigError(
             f"{loss_name}: za and zb must have the same shape, got za {tuple(za.shape)} and zb {tuple(zb.shape)}"
         )
     n, d = za.shape
     if n < 2:
-        raise ValueError(f"{loss_name}: needs at least 2 samples per batch, got za/zb of shape {tuple(za.shape)}")
+        raise ConfigError(f"{loss_name}: needs at least 2 samples per batch, got za/zb of shape {tuple(za.shape)}")
     if d < 2:
-        raise ValueError(f"{loss_name}: needs at least 2 features per sample, got za/zb of shape {tuple(za.shape)}")
+        raise ConfigError(f"{loss_name}: needs at least 2 features per sample, got za/zb of shape {tuple(za.shape)}")
 
 
 def check_choice(value: str, valid: Tuple[str, ...], what: str) -> str:
     if value not in valid:
-        raise ValueError(f"unknown {what} {value!r}; valid values are: {', '.join(repr(v) for v in valid)}")
+        raise ConfigError(f"unknown {what} {value!r}; valid values are: {', '.join(repr(v) for v in valid)}")
     return value
 
 
@@ -69,7 +71,7 @@ def gather_with_grad(z: torch.Tensor) -> torch.Tensor:
     dist.all_gather(sizes, torch.tensor([z.shape[0]], dtype=torch.long, device=z.device))
     sizes_list = [int(s.item()) for s in sizes]
     if len(set(sizes_list)) != 1:
-        raise ValueError(
+        raise ConfigError(
             f"gather=True needs the same local batch size on every rank, got {sizes_list}; drop the last "
             f"incomplete batch (drop_last=True) or use gather=False"
         )

@@ -20,9 +20,11 @@ from torch import nn
 
 from ._common import check_embeddings, gather_with_grad
 
-__all__ = ["BarlowTwinsLoss", "barlow_twins_loss"]
+__all__ = ["BarlowTwinsLoss", "barlow_twins_loss", "DEFAULT_LAMBD"]
 
 BN_EPS = 1e-5
+#: the off-diagonal weight published for an 8192-d projector (Zbontar et al., 2021)
+DEFAULT_LAMBD = 0.0051
 
 
 def _standardize_features(z: torch.Tensor) -> torch.Tensor:
@@ -30,7 +32,8 @@ def _standardize_features(z: torch.Tensor) -> torch.Tensor:
     return (z - z.mean(0, keepdim=True)) / torch.sqrt(z.var(0, unbiased=False, keepdim=True) + BN_EPS)
 
 
-def barlow_twins_loss(za: torch.Tensor, zb: torch.Tensor, lambd: float = 0.0051, gather: bool = False) -> torch.Tensor:
+def barlow_twins_loss(za: torch.Tensor, zb: torch.Tensor, lambd: float = DEFAULT_LAMBD,
+                      gather: bool = False) -> torch.Tensor:
     """Functional Barlow Twins loss; see the module docstring. Returns a float32 scalar."""
     check_embeddings(za, zb, "barlow_twins_loss")
     if gather:
@@ -45,9 +48,15 @@ def barlow_twins_loss(za: torch.Tensor, zb: torch.Tensor, lambd: float = 0.0051,
 
 class BarlowTwinsLoss(nn.Module):
     """Barlow Twins: ``L = Σ_i (1 − c_ii)² + λ·Σ_{i≠j} c_ij²`` on the D×D cross-correlation of batch-standardised
-    embeddings. ``lambd=0.0051`` is the value published for an 8192-d projector."""
+    embeddings.
 
-    def __init__(self, lambd: float = 0.0051, gather: bool = False):
+    Args:
+        lambd: λ, the weight of the off-diagonal (redundancy) term. Default 0.0051, the value published for an
+            8192-d projector.
+        gather: all-gather both views across ranks (with gradients): statistics and ``c`` of the global batch.
+    """
+
+    def __init__(self, lambd: float = DEFAULT_LAMBD, gather: bool = False):
         super().__init__()
         self.lambd = float(lambd)
         self.gather = bool(gather)

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import ConfigError
 from ._common import check_embeddings, gather_with_grad
 
 __all__ = ["SimCLRLoss", "simclr_loss", "DEFAULT_TEMPERATURE"]
@@ -33,7 +34,7 @@ def simclr_loss(za: torch.Tensor, zb: torch.Tensor, temperature: float = DEFAULT
     """Functional NT-Xent loss; see the module docstring. Returns a float32 scalar."""
     check_embeddings(za, zb, "simclr_loss")
     if temperature <= 0:
-        raise ValueError(f"simclr_loss: temperature must be > 0, got {temperature}")
+        raise ConfigError(f"simclr_loss: temperature must be > 0, got {temperature}")
     if gather:
         za, zb = gather_with_grad(za), gather_with_grad(zb)
     n = za.shape[0]
@@ -61,7 +62,7 @@ class SimCLRLoss(nn.Module):
     def __init__(self, temperature: float = DEFAULT_TEMPERATURE, gather: bool = False):
         super().__init__()
         if temperature <= 0:
-            raise ValueError(f"SimCLRLoss: temperature must be > 0, got {temperature}")
+            raise ConfigError(f"SimCLRLoss: temperature must be > 0, got {temperature}")
         self.temperature = float(temperature)
         self.gather = bool(gather)
 

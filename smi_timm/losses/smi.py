@@ -72,6 +72,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ..errors import ConfigError
 from ._common import VALID_BACKENDS, VALID_TRANSFORMS, check_choice, check_embeddings, gather_with_grad
 
 __all__ = ["SMILoss", "smi_loss", "smi_loss_reference", "standardize_rows", "standardize_features",
@@ -127,13 +128,10 @@ def is_fused(standardize: str = "row", negatives: str = "mean") -> bool:
 
 def phi(rho: torch.Tensor, eps: float = DEFAULT_EPS, transform: str = "mi") -> torch.Tensor:
     """The dependency map φ(ρ) applied elementwise (see the module docstring)."""
-    if transform == "mi":
-        # ½·log(1+ε) − ½·log(1+ε−min(ρ²,1)), written with log1p for accuracy near ρ = 0.
-        return 0.5 * (math.log1p(eps) - torch.log1p(eps - torch.clamp(rho * rho, max=1.0)))
-    if transform == "square":
+    if check_choice(transform, VALID_TRANSFORMS, "transform") == "square":
         return 0.5 * rho * rho
-    check_choice(transform, VALID_TRANSFORMS, "transform")
-    raise AssertionError("unreachable")
+    # ½·log(1+ε) − ½·log(1+ε−min(ρ²,1)), written with log1p for accuracy near ρ = 0.
+    return 0.5 * (math.log1p(eps) - torch.log1p(eps - torch.clamp(rho * rho, max=1.0)))
 
 
 def dependency_matrix(za: torch.Tensor, zb: torch.Tensor, eps: float = DEFAULT_EPS,
@@ -185,7 +183,7 @@ def smi_loss_reference(za: torch.Tensor, zb: torch.Tensor, neg_weight: float = D
     if chunk_size is None:
         chunk_size = max(1, _MAX_CHUNK_ELEMENTS // n)
     if chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive number of rows, got {chunk_size}")
+        raise ConfigError(f"chunk_size must be a positive number of rows, got {chunk_size}")
     a, b = _standardize_pair(za, zb, standardize, compute_dtype)
     if chunk_size >= n:
         total, diag, lse = _chunk_terms(a, b, torch.zeros((), dtype=torch.long), eps, transform, lme)
@@ -214,7 +212,7 @@ def _load_kernels():
     folder = Path(__file__).resolve().parents[2] / "kernels"
     init = folder / "__init__.py"
     if not init.is_file():
-        raise ModuleNotFoundError(
+        raise ConfigError(
             "smi_timm.kernels is not installed; install the package (pip install smi-timm) or use backend='torch'"
         )
     spec = importlib.util.spec_from_file_location("smi_timm.kernels", init, submodule_search_locations=[str(folder)])
@@ -251,7 +249,7 @@ def resolve_backend(backend: str, device) -> str:
     if backend == "auto":
         return "triton" if device.type == "cuda" and has_triton and not _interpreter_active() else "torch"
     if backend == "triton" and not (has_triton and (device.type == "cuda" or _interpreter_active())):
-        raise ValueError(
+        raise ConfigError(
             "backend='triton' needs CUDA tensors and Triton installed (or, for testing on CPU, TRITON_INTERPRET=1 "
             "set before smi_timm.kernels is imported); use backend='torch' or 'auto' otherwise"
         )
@@ -262,7 +260,7 @@ _WARNED_UNFUSED = set()
 
 
 def _refuse_unfused(standardize: str, negatives: str) -> None:
-    raise ValueError(f"backend='triton' fuses only standardize='row', negatives='mean'; standardize={standardize!r}, "
+    raise ConfigError(f"backend='triton' fuses only standardize='row', negatives='mean'; standardize={standardize!r}, "
                      f"negatives={negatives!r} runs on the torch reference: use backend='torch' (or 'auto', which "
                      f"falls back to it)")
 
@@ -295,7 +293,7 @@ def smi_loss(za: torch.Tensor, zb: torch.Tensor, neg_weight: float = DEFAULT_NEG
     check_choice(negatives, VALID_NEGATIVES, "negatives")
     check_embeddings(za, zb, "smi_loss")
     if eps <= 0 and transform == "mi":
-        raise ValueError(f"eps must be > 0 for transform='mi' (φ is unbounded at |ρ| = 1 otherwise), got {eps}")
+        raise ConfigError(f"eps must be > 0 for transform='mi' (φ is unbounded at |ρ| = 1 otherwise), got {eps}")
     if gather:
         za, zb = gather_with_grad(za), gather_with_grad(zb)
     if effective_backend(backend, za.device, standardize, negatives) == "triton":
@@ -325,13 +323,16 @@ class SMILoss(nn.Module):
         gather: all-gather both views across ranks (with gradients) and compute the loss on the global batch.
         backend: ``"auto"`` (Triton on CUDA, torch otherwise; see :func:`resolve_backend`), ``"torch"`` or
             ``"triton"``.
-        chunk_size: rows of ρ per chunk for the torch backend (``None``: automatic).
+        chunk_size: rows of ρ per chunk for the torch backend (``None``: automatic, one chunk up to N = 4096).
         allow_tf32: Triton backend, fp32 embeddings: let its matrix products use TF32 tensor cores. Off by default
             (fp32 is computed exactly, whatever torch's matmul precision setting); the torch backend follows
             torch's own TF32 settings.
 
     Shapes: ``za``, ``zb``: ``(N, D)`` floating tensors, N ≥ 2, D ≥ 2. Output: float32 scalar.
     """
+
+    #: settings that change how the loss is computed, not its value (not recorded as part of its definition)
+    implementation_args = ("backend", "chunk_size", "allow_tf32")
 
     def __init__(self, neg_weight: float = DEFAULT_NEG_WEIGHT, eps: float = DEFAULT_EPS, transform: str = "mi",
                  gather: bool = False, backend: str = "auto", chunk_size: Optional[int] = None,
@@ -347,7 +348,7 @@ class SMILoss(nn.Module):
         self.chunk_size = chunk_size
         self.allow_tf32 = bool(allow_tf32)
         if self.transform == "mi" and self.eps <= 0:
-            raise ValueError(f"eps must be > 0 for transform='mi', got {eps}")
+            raise ConfigError(f"eps must be > 0 for transform='mi', got {eps}")
         if self.backend == "triton" and not is_fused(self.standardize, self.negatives):
             _refuse_unfused(self.standardize, self.negatives)
 

@@ -46,7 +46,14 @@ def vicreg_loss(za: torch.Tensor, zb: torch.Tensor, sim_coeff: float = 25.0, std
 
 
 class VICRegLoss(nn.Module):
-    """VICReg: ``sim_coeff·invariance + std_coeff·variance + cov_coeff·covariance`` (see the module docstring)."""
+    """VICReg: ``sim_coeff·invariance + std_coeff·variance + cov_coeff·covariance`` (see the module docstring).
+
+    Args:
+        sim_coeff: weight of the invariance term (mean squared error of the two views). Default 25, as published.
+        std_coeff: weight of the variance term (hinge on each feature's standard deviation). Default 25.
+        cov_coeff: weight of the covariance term (off-diagonal covariances). Default 1.
+        gather: all-gather both views across ranks (with gradients): every term over the global batch.
+    """
 
     def __init__(self, sim_coeff: float = 25.0, std_coeff: float = 25.0, cov_coeff: float = 1.0, gather: bool = False):
         super().__init__()

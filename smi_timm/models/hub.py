@@ -15,17 +15,17 @@ Every entry has the signature ``(pretrained=True, weights=None, num_classes=0, *
   hex digest or a prefix of at least 8 characters). ``weights`` wins over ``pretrained``.
 * ``pretrained=True`` without ``weights`` downloads the published file of the model's default config, checked
   against its recorded sha256. No SMI weights are published yet, so this raises
-  :class:`~smi_timm.models.registry.WeightsNotPublishedError` explaining how to pass ``weights=``; it never returns a
+  :class:`~smi_timm.models.weights.WeightsNotPublishedError` explaining how to pass ``weights=``; it never returns a
   silently random model.
 * Only safetensors are read. Pickle checkpoints (``.pth``, ``.pt``, ``.bin``, ``.ckpt``, ...) are refused, because
   unpickling can run arbitrary code; convert them once with
   ``safetensors.torch.save_file(torch.load(path, weights_only=True), "model.safetensors")``.
 * A file whose tensors do not fit the architecture raises
-  :class:`~smi_timm.models.registry.WeightsMismatchError` naming the first missing, unexpected and mis-shaped keys.
+  :class:`~smi_timm.models.weights.WeightsMismatchError` naming the first missing, unexpected and mis-shaped keys.
   A full ``SSLModel`` state dict (``backbone.*``/``projector.*``) is accepted; the projector is ignored.
 
-This module imports only torch, timm, safetensors, :mod:`smi_timm.models.registry` and the file names of
-:mod:`smi_timm.layout` (standard library only).
+This module imports only torch, timm, safetensors, :mod:`smi_timm.models.registry`, :mod:`smi_timm.models.weights`
+and the file names of :mod:`smi_timm.layout` (standard library only).
 """
 from __future__ import annotations
 
@@ -33,15 +33,23 @@ import hashlib
 import os
 import warnings
 from pathlib import Path
-from typing import Any, Dict, Optional, Union
+from typing import Any, Optional, Union
 from urllib.parse import urlparse
 
 import timm
 import torch
 from torch import nn
 
+from ..errors import ConfigError, NotFoundError
 from ..layout import WEIGHTS_NAME
-from .registry import WeightsMismatchError, WeightsNotPublishedError, published_weights
+from .registry import published_weights
+from .weights import (
+    WeightsHashError,
+    WeightsMismatchError,
+    WeightsNotPublishedError,
+    load_safetensors,
+    sha256_file,
+)
 
 __all__ = [
     "load_model",
@@ -58,22 +66,6 @@ __all__ = [
     "smi_resnet50_cifar",
 ]
 
-PICKLE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".pkl", ".pickle", ".tar", ".npz")
-
-
-class WeightsHashError(RuntimeError):
-    """A weights file whose sha256 differs from the expected digest."""
-
-
-def sha256_file(path: Union[str, os.PathLike], chunk_size: int = 1 << 20) -> str:
-    """Hex sha256 of a file, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk_size), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _normalise_hash(sha256: Optional[str]) -> Optional[str]:
     if sha256 is None:
         return None
@@ -81,7 +73,7 @@ def _normalise_hash(sha256: Optional[str]) -> Optional[str]:
     if value.startswith("sha256:"):
         value = value[len("sha256:"):]
     if len(value) < 8 or any(c not in "0123456789abcdef" for c in value):
-        raise ValueError(f"sha256={sha256!r} is not a hex digest (or a prefix of at least 8 hex characters)")
+        raise ConfigError(f"sha256={sha256!r} is not a hex digest (or a prefix of at least 8 hex characters)")
     return value
 
 
@@ -137,35 +129,14 @@ def resolve_weights(weights: Union[str, os.PathLike], sha256: Optional[str] = No
     path = Path(text).expanduser()
     if path.is_dir():
         if not (path / WEIGHTS_NAME).is_file():
-            raise FileNotFoundError(f"weights directory {path} has no {WEIGHTS_NAME}; pass the weights file "
+            raise NotFoundError(f"weights directory {path} has no {WEIGHTS_NAME}; pass the weights file "
                                     f"itself or a directory written by smi-export")
         path = path / WEIGHTS_NAME
     if not path.is_file():
-        raise FileNotFoundError(f"weights file {path} does not exist; pass weights= the path of a .safetensors file "
+        raise NotFoundError(f"weights file {path} does not exist; pass weights= the path of a .safetensors file "
                                 f"(e.g. OUT_DIR/model.safetensors written by smi-export) or an https:// URL")
     _check_hash(path, expected, str(path))
     return path
-
-
-def load_safetensors(path: Union[str, os.PathLike]) -> Dict[str, torch.Tensor]:
-    """Read a safetensors file onto the CPU; refuse pickle checkpoints with a message saying how to convert them."""
-    path = Path(path)
-    name = path.name.lower()
-    if name.endswith(PICKLE_SUFFIXES) or name.endswith(".pth.tar"):
-        raise ValueError(
-            f"{path} looks like a pickle checkpoint ({path.suffix}); smi-timm only reads .safetensors files because "
-            f"unpickling can execute code. Convert it once where you trust it: python -c \"import torch, "
-            f"safetensors.torch as st; st.save_file(torch.load('{path.name}', weights_only=True), "
-            f"'model.safetensors')\""
-        )
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    try:
-        return load_file(str(path), device="cpu")
-    except (SafetensorError, OSError) as err:
-        raise ValueError(f"{path} is not a readable safetensors file ({err}); pass a .safetensors weights file "
-                         f"such as the model.safetensors written by smi-export") from None
 
 
 def load_model(name: str, pretrained: bool = True, weights: Optional[Union[str, os.PathLike]] = None,

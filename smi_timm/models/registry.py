@@ -28,11 +28,11 @@ No SMI weights are published yet: ``pretrained=True`` without a ``file`` raises 
 model or trying the network. When weights are released, their sha256 goes into :data:`PUBLISHED_SHA256` and the
 default config's ``hf_hub_id``/``url`` become live.
 
-This module imports only torch and timm.
+This module imports only torch, timm and :mod:`smi_timm.models.weights` (the state-dict checks).
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model, resolve_pretrained_cfg
@@ -41,7 +41,15 @@ from timm.models.vision_transformer import VisionTransformer
 from timm.models.vision_transformer import checkpoint_filter_fn as _vit_checkpoint_filter_fn
 from torch import nn
 
+from ..errors import ConfigError
 from .ssl import apply_cifar_stem
+from .weights import (
+    WeightsMismatchError,
+    WeightsNotPublishedError,
+    check_state_dict,
+    classifier_keys,
+    strip_ssl_prefix,
+)
 
 __all__ = [
     "HF_ORG",
@@ -78,14 +86,6 @@ _DEFAULT_TAGS: Dict[str, str] = {
 SMI_MODELS: Tuple[str, ...] = tuple(_DEFAULT_TAGS)
 
 
-class WeightsMismatchError(RuntimeError):
-    """A weights file whose tensors do not fit the architecture (missing, unexpected or differently shaped keys)."""
-
-
-class WeightsNotPublishedError(RuntimeError):
-    """``pretrained=True`` for a model whose SMI weights have not been released (pass a local file instead)."""
-
-
 def weights_url(name_tag: str) -> str:
     """Download URL of the released ``model.safetensors`` for ``"name.tag"``."""
     return f"https://huggingface.co/{HF_ORG}/{name_tag}/resolve/main/model.safetensors"
@@ -99,7 +99,7 @@ def published_weights(name: str) -> Tuple[str, str]:
     """
     base, _, tag = name.partition(".")
     if base not in _DEFAULT_TAGS:
-        raise KeyError(f"{base!r} is not an smi-timm model; known: {', '.join(SMI_MODELS)}")
+        raise ConfigError(f"{base!r} is not an smi-timm model; known: {', '.join(SMI_MODELS)}")
     name_tag = f"{base}.{tag or _DEFAULT_TAGS[base]}"
     if name_tag not in PUBLISHED_SHA256:
         raise WeightsNotPublishedError(
@@ -121,75 +121,6 @@ def cifar_architecture(model_name: str) -> Optional[str]:
     return CIFAR_ARCHITECTURES.get(base)
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# state dict checks
-# ---------------------------------------------------------------------------------------------------------------------
-
-def strip_ssl_prefix(state_dict: Mapping[str, Any]) -> Dict[str, Any]:
-    """Bare backbone keys from a full ``SSLModel`` state dict (``backbone.*`` kept without prefix, ``projector.*``
-    dropped). DDP/compile prefixes (``module.``, ``_orig_mod.``) are removed too. Other dicts pass unchanged."""
-    out: Dict[str, Any] = {}
-    for key, value in state_dict.items():
-        for prefix in ("module.", "_orig_mod."):
-            if key.startswith(prefix):
-                key = key[len(prefix):]
-        out[key] = value
-    if any(k.startswith("backbone.") for k in out):
-        out = {k[len("backbone."):]: v for k, v in out.items() if k.startswith("backbone.")}
-    return out
-
-
-def _classifier_keys(model: nn.Module) -> List[str]:
-    classifier = (getattr(model, "pretrained_cfg", None) or {}).get("classifier")
-    if not classifier:
-        return []
-    names = (classifier,) if isinstance(classifier, str) else tuple(classifier)
-    return [f"{n}.{p}" for n in names for p in ("weight", "bias")]
-
-
-def _shape(t: Any) -> Tuple[int, ...]:
-    return tuple(getattr(t, "shape", ()))
-
-
-def _first(items: Iterable[str], n: int = 5) -> str:
-    items = list(items)
-    more = f" ... (+{len(items) - n} more)" if len(items) > n else ""
-    return ", ".join(items[:n]) + more
-
-
-def check_state_dict(state_dict: Mapping[str, Any], model: nn.Module, *, name: str = "",
-                     ignore: Iterable[str] = ()) -> None:
-    """Raise :class:`WeightsMismatchError` unless ``state_dict`` has exactly the keys and shapes of ``model``.
-
-    Keys in ``ignore`` (typically the classifier) may be missing or extra. The message names the first missing,
-    unexpected and differently shaped keys, with shapes.
-    """
-    ignore = set(ignore)
-    expected = {k: _shape(v) for k, v in model.state_dict().items()}
-    got = {k: _shape(v) for k, v in state_dict.items()}
-    missing = [k for k in expected if k not in got and k not in ignore]
-    unexpected = [k for k in got if k not in expected and k not in ignore]
-    mismatched = [f"{k}: file {list(got[k])} vs model {list(expected[k])}"
-                  for k in expected if k in got and got[k] != expected[k] and k not in ignore]
-    if not (missing or unexpected or mismatched):
-        return
-    name = name or type(model).__name__
-    parts = []
-    if mismatched:
-        parts.append(f"{len(mismatched)} tensor(s) with a different shape ({_first(mismatched, 3)})")
-    if missing:
-        parts.append(f"{len(missing)} missing key(s) ({_first(missing)})")
-    if unexpected:
-        parts.append(f"{len(unexpected)} unexpected key(s) ({_first(unexpected)})")
-    hint = ("Check that the file was exported from the same architecture and options (image size, patch size, "
-            "stem): weights of a CIFAR-stem ResNet need the *_cifar names (e.g. smi_resnet18_cifar), and the "
-            "config.json written by smi-export names the architecture to use.")
-    if any(k.startswith("conv1.weight") for k in mismatched):
-        hint = ("conv1 has a different shape: the file and the model use different stems (CIFAR 3x3 vs ImageNet "
-                "7x7); use the *_cifar name for CIFAR-stem weights (e.g. smi_resnet18_cifar) or the plain one.")
-    raise WeightsMismatchError(f"weights do not fit {name}: " + "; ".join(parts) + ". " + hint)
-
-
 def _make_filter(extra: Optional[Callable[..., Dict[str, Any]]] = None) -> Callable[[Dict[str, Any], nn.Module],
                                                                                    Dict[str, Any]]:
     """A timm ``pretrained_filter_fn``: strip SSL prefixes, adapt (e.g. resample ViT position embeddings), drop
@@ -202,9 +133,9 @@ def _make_filter(extra: Optional[Callable[..., Dict[str, Any]]] = None) -> Calla
         if extra is not None:
             state_dict = extra(state_dict, model)
         model_sd = model.state_dict()
-        classifier = _classifier_keys(model)
+        classifier = classifier_keys(model)
         for key in classifier:
-            if key in state_dict and (key not in model_sd or _shape(state_dict[key]) != _shape(model_sd[key])):
+            if key in state_dict and (key not in model_sd or state_dict[key].shape != model_sd[key].shape):
                 state_dict.pop(key)
         arch = (getattr(model, "pretrained_cfg", None) or {}).get("architecture", "")
         check_state_dict(state_dict, model, name=arch, ignore=classifier)

@@ -12,6 +12,8 @@ import timm
 import torch
 from torch import nn
 
+from ..errors import ConfigError, InputError
+
 __all__ = ["SSLModel", "create_ssl_model", "build_projector", "parse_projector", "apply_cifar_stem"]
 
 
@@ -26,13 +28,13 @@ def parse_projector(spec: Union[str, Sequence[int], None]) -> List[int]:
         try:
             dims = [int(p) for p in text.replace(",", "-").split("-") if p.strip()]
         except ValueError:
-            raise ValueError(
+            raise ConfigError(
                 f"projector spec {spec!r} is not a '-'-separated list of widths; use e.g. '2048-2048-2048' or 'none'"
             ) from None
     else:
         dims = [int(d) for d in spec]
     if any(d < 1 for d in dims):
-        raise ValueError(f"projector widths must be positive integers, got {dims}")
+        raise ConfigError(f"projector widths must be positive integers, got {dims}")
     return dims
 
 
@@ -53,7 +55,7 @@ def apply_cifar_stem(model: nn.Module) -> nn.Module:
     """Give a timm ResNet a 3x3 stride-1 stem without max-pool (the usual stem for 32x32 inputs), in place."""
     conv1 = getattr(model, "conv1", None)
     if not isinstance(conv1, nn.Conv2d) or not hasattr(model, "maxpool"):
-        raise ValueError(
+        raise ConfigError(
             f"cifar_stem=True needs a timm ResNet-family backbone with a single `conv1` and a `maxpool` "
             f"(e.g. resnet18, resnet50); {type(model).__name__} has a different stem. For ViTs pass "
             f"img_size/patch_size instead (e.g. img_size=32, patch_size=4); for other families use cifar_stem=False."
@@ -89,7 +91,7 @@ class SSLModel(nn.Module):
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         features = self.backbone(x)
         if features.ndim != 2:
-            raise RuntimeError(
+            raise InputError(
                 f"backbone {self.backbone_name!r} returned features of shape {tuple(features.shape)}; expected "
                 f"(batch, features). Create it with a global pool (timm's default for num_classes=0)."
             )
@@ -108,11 +110,11 @@ def create_ssl_model(backbone: str, projector: Union[str, Sequence[int], None] =
             ``num_classes`` is always 0: the backbone returns pooled features.
     """
     if "num_classes" in timm_kwargs and timm_kwargs["num_classes"] not in (0, None):
-        raise ValueError("create_ssl_model builds a headless backbone; do not pass num_classes (it is always 0)")
+        raise ConfigError("create_ssl_model builds a headless backbone; do not pass num_classes (it is always 0)")
     timm_kwargs.pop("num_classes", None)
     if not timm.is_model(backbone):
         close = timm.list_models(f"*{backbone.split('.')[0][:8]}*")[:8]
-        raise ValueError(f"unknown timm model {backbone!r}. Similar names: {close}; see timm.list_models().")
+        raise ConfigError(f"unknown timm model {backbone!r}. Similar names: {close}; see timm.list_models().")
     model = timm.create_model(backbone, num_classes=0, **timm_kwargs)
     if cifar_stem:
         apply_cifar_stem(model)

@@ -13,6 +13,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Dict, Optional
 
+from ..errors import CheckpointError, NotFoundError, SmiTimmError
 from ..layout import (
     TMP_PREFIX,
     TRAINER_STATE,
@@ -41,21 +42,21 @@ def resolve_resume(resume: Optional[str], run_dir: os.PathLike) -> Optional[Path
     if checkpoint_dir(path).is_dir():  # a run directory
         latest = latest_checkpoint(path)
         if latest is None:
-            raise FileNotFoundError(f"--resume {resume}: the run directory has no complete checkpoint")
+            raise NotFoundError(f"--resume {resume}: the run directory has no complete checkpoint")
         return latest
     if not (path / TRAINER_STATE).is_file():
-        raise FileNotFoundError(
+        raise NotFoundError(
             f"--resume {resume}: not a checkpoint directory (no {TRAINER_STATE}); pass a RUN_DIR/checkpoints/step_* "
             f"directory, a run directory, or 'auto'"
         )
     return path
 
 
-class CheckpointWriteError(RuntimeError):
+class CheckpointWriteError(CheckpointError):
     """A checkpoint could not be written (no space, permissions, an I/O error); the last good one is untouched."""
 
 
-class UnsafeCheckpointError(RuntimeError):
+class UnsafeCheckpointError(SmiTimmError, RuntimeError):
     """A checkpoint's optimiser or RNG state is not a plain tensor file: it is refused rather than unpickled."""
 
 

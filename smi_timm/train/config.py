@@ -1,8 +1,13 @@
 """The configuration of a pretraining run and its command-line interface.
 
-Every field of :class:`TrainConfig` is a command-line flag (``model`` → ``--model``, ``neg_weight`` →
-``--neg-weight``); recipes only change defaults. ``build_parser(defaults)`` is shared by ``smi-pretrain`` and the
-scripts in ``recipes/``.
+Every field of :class:`TrainConfig` is a command-line flag (``model`` → ``--model``, ``loss_args`` →
+``--loss-args KEY=VALUE ...``); recipes only change defaults. ``build_parser(defaults)`` is shared by
+``smi-pretrain`` and the scripts in ``recipes/``.
+
+The loss is one name and one mapping: ``loss="smi", loss_args={"neg_weight": 16.0}``; what a loss takes comes from
+the loss registry (:mod:`smi_timm.losses.registry`). Every hyper-parameter of every registered loss is also a flag of
+its own, an alias of ``--loss-args`` (``--neg-weight 16`` = ``--loss-args neg_weight=16``; the SMI backend is
+``--loss-backend``), and :meth:`TrainConfig.from_dict` / recipe defaults accept the same names as keys.
 """
 from __future__ import annotations
 
@@ -10,12 +15,12 @@ import argparse
 import dataclasses
 import json
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
-from ..losses.simclr import DEFAULT_TEMPERATURE
-from ..losses.smi import DEFAULT_EPS, DEFAULT_NEG_WEIGHT
+from ..errors import ConfigError
+from ..losses import LOSSES, LossEntry
 
-__all__ = ["TrainConfig", "build_parser", "config_from_args", "parse_kv"]
+__all__ = ["TrainConfig", "build_parser", "config_from_args", "parse_kv", "loss_arg_flags"]
 
 
 def _f(default, help, **kw):
@@ -59,21 +64,10 @@ class TrainConfig:
     augment_device: str = _f("auto", "where the two views are decoded and augmented: auto (on the GPU when "
                                      "training on one, else in the CPU workers), cpu, or device")
     # loss
-    loss: str = _f("smi", "smi, barlow, vicreg or simclr")
-    transform: str = _f("mi", "SMI dependency map: mi (Gaussian MI) or square (ablation)")
-    standardize: str = _f("row", "SMI standardisation: row (each sample over its features) or feature_row (first "
-                                 "each feature over the batch; an alternative reading, torch backend)")
-    negatives: str = _f("mean", "SMI independence term: mean (of phi over the negatives) or logmeanexp "
-                                "(Donsker-Varadhan form; an alternative reading, torch backend)")
-    neg_weight: float = _f(DEFAULT_NEG_WEIGHT, "SMI weight of the mean off-diagonal dependency")
-    eps: float = _f(DEFAULT_EPS, "SMI smoothing epsilon")
+    loss: str = _f("smi", "the loss, by its registry name: " + ", ".join(LOSSES))
+    loss_args: Dict[str, Any] = _f(None, "the loss's settings as KEY=VALUE (JSON values), e.g. neg_weight=16 eps=0.01; "
+                                         "each also has a flag of its own (below)", nargs="*", kv=True)
     gather: bool = _f(False, "compute the loss on the global batch (all-gather with gradients)")
-    lambd: float = _f(0.0051, "Barlow Twins off-diagonal weight")
-    sim_coeff: float = _f(25.0, "VICReg invariance weight")
-    std_coeff: float = _f(25.0, "VICReg variance weight")
-    cov_coeff: float = _f(1.0, "VICReg covariance weight")
-    temperature: float = _f(DEFAULT_TEMPERATURE, "SimCLR softmax temperature")
-    loss_backend: str = _f("auto", "SMI backend: auto (Triton on CUDA), torch or triton")
     # optimisation
     optimizer: str = _f("lars", "lars, adamw or sgd")
     lr: float = _f(0.2, "peak learning rate per 256 images of global batch (weights)")
@@ -112,29 +106,40 @@ class TrainConfig:
     eval_image_size: Optional[int] = _f(None, "image size for the kNN monitor (default: --image-size)")
     export: bool = _f(True, "export the backbone to RUN_DIR/export at the end")
 
-    def loss_kwargs(self) -> Dict[str, Any]:
-        if self.loss == "smi":
-            return dict(neg_weight=self.neg_weight, eps=self.eps, transform=self.transform, gather=self.gather,
-                        backend=self.loss_backend, standardize=self.standardize, negatives=self.negatives)
-        if self.loss == "barlow":
-            return dict(lambd=self.lambd, gather=self.gather)
-        if self.loss == "vicreg":
-            return dict(sim_coeff=self.sim_coeff, std_coeff=self.std_coeff, cov_coeff=self.cov_coeff,
-                        gather=self.gather)
-        if self.loss == "simclr":
-            return dict(temperature=self.temperature, gather=self.gather)
-        raise ValueError(f"unknown loss {self.loss!r}; valid values are: 'smi', 'barlow', 'vicreg', 'simclr'")
+    def __post_init__(self):
+        if isinstance(self.loss_args, (list, tuple)):
+            self.loss_args = parse_kv(self.loss_args, "--loss-args")
+        self.loss_args = self.loss_entry().check_args(self.loss_args or {})
+
+    def loss_entry(self) -> LossEntry:
+        """The registry entry of ``loss`` (an unknown name is an error listing the registered ones)."""
+        return LOSSES.entry(self.loss)
+
+    def loss_settings(self) -> Dict[str, Any]:
+        """Every hyper-parameter of the loss: its defaults with ``loss_args`` on top."""
+        return self.loss_entry().settings(self.loss_args)
+
+    def create_loss(self):
+        """The loss module of this run (``loss`` with ``loss_args``, and ``gather``)."""
+        return self.loss_entry().create(self.loss_args, gather=self.gather)
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> "TrainConfig":
+        """A config from a flat mapping of field names and loss hyper-parameters (``neg_weight=16`` goes into
+        ``loss_args``, as its flag does); anything else is an error naming the valid keys."""
+        fields, loss_args = _split_loss_args(values)
+        return cls(**fields, loss_args=loss_args)
 
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
 
 
-def parse_kv(items: Optional[List[str]]) -> Dict[str, Any]:
+def parse_kv(items: Optional[List[str]], flag: str = "--model-kwargs") -> Dict[str, Any]:
     """``["img_size=32", "drop_path_rate=0.1"]`` → ``{"img_size": 32, "drop_path_rate": 0.1}`` (JSON values)."""
     out: Dict[str, Any] = {}
     for item in items or []:
         if "=" not in item:
-            raise ValueError(f"--model-kwargs expects KEY=VALUE items, got {item!r}")
+            raise ConfigError(f"{flag} expects KEY=VALUE items, got {item!r}")
         key, value = item.split("=", 1)
         try:
             out[key] = json.loads(value)
@@ -145,6 +150,49 @@ def parse_kv(items: Optional[List[str]]) -> Dict[str, Any]:
 
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
+
+
+_FIELDS = None
+
+
+def _field_names() -> set:
+    global _FIELDS
+    if _FIELDS is None:
+        _FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
+    return _FIELDS
+
+
+def loss_arg_flags() -> Dict[str, str]:
+    """``{hyper-parameter: alias key}`` for every hyper-parameter of every registered loss: the key of its own flag
+    (``neg_weight`` → ``--neg-weight``), ``loss_<name>`` where the name would clash with a config field or is too
+    generic (``backend`` → ``--loss-backend``)."""
+    out = {}
+    for name in LOSSES.hparam_owners():
+        out[name] = f"loss_{name}" if name in _field_names() or name in ("backend",) else name
+    return out
+
+
+def _split_loss_args(values: Mapping[str, Any]) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+    """``(config fields, loss args)`` of a flat mapping whose extra keys are loss hyper-parameters (their alias
+    keys); a hyper-parameter of a loss other than the chosen one is an error naming which loss takes it."""
+    aliases = {alias: name for name, alias in loss_arg_flags().items()}
+    fields = {k: v for k, v in values.items() if k in _field_names()}
+    extra = {k: v for k, v in values.items() if k not in fields}
+    unknown = [k for k in extra if k not in aliases]
+    if unknown:
+        raise ConfigError(f"unknown TrainConfig fields {sorted(unknown)}; valid: the fields of TrainConfig and the "
+                          f"settings of a loss ({', '.join(sorted(aliases))})")
+    loss = fields.get("loss", TrainConfig.loss)
+    entry = LOSSES.entry(loss)
+    loss_args = dict(fields.pop("loss_args", None) or {})
+    for key, value in extra.items():
+        name = aliases[key]
+        if name not in entry.hparams:
+            owners = ", ".join(o for o, _ in LOSSES.hparam_owners()[name])
+            raise ConfigError(f"{_flag(key)} is a setting of the {owners} loss, not of --loss {loss} (its settings: "
+                              f"{', '.join(entry.hparams) or 'none'})")
+        loss_args[name] = value
+    return fields, loss_args
 
 
 def _optional(base):
@@ -160,12 +208,12 @@ def _optional(base):
 def build_parser(defaults: Optional[Dict[str, Any]] = None, description: str = "",
                  prog: Optional[str] = None) -> argparse.ArgumentParser:
     """An argparse parser with one flag per :class:`TrainConfig` field; ``defaults`` override the field defaults."""
-    defaults = dict(defaults or {})
-    unknown = set(defaults) - {f.name for f in dataclasses.fields(TrainConfig)}
-    if unknown:
-        raise ValueError(f"unknown TrainConfig fields in recipe defaults: {sorted(unknown)}")
+    fields, recipe_loss_args = _split_loss_args(dict(defaults or {}))
+    defaults = dict(fields, loss_args=None)
     parser = argparse.ArgumentParser(prog=prog, description=description,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    # the recipe's loss settings apply to the recipe's loss only (a recipe for SMI run with --loss barlow drops them)
+    parser.set_defaults(recipe_loss__=(fields.get("loss", TrainConfig.loss), recipe_loss_args))
     for f in dataclasses.fields(TrainConfig):
         meta = f.metadata
         default = defaults.get(f.name, f.default)
@@ -182,11 +230,26 @@ def build_parser(defaults: Optional[Dict[str, Any]] = None, description: str = "
             base = int if "int" in t else float if "float" in t else str
             kwargs["type"] = _optional(base) if "Optional" in t and base is not str else base
         parser.add_argument(_flag(f.name), **kwargs)
+    _add_loss_arg_flags(parser)
     return parser
+
+
+def _add_loss_arg_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per loss hyper-parameter (an alias of ``--loss-args NAME=VALUE``), with the loss's own help."""
+    group = parser.add_argument_group("loss settings (each an alias of --loss-args NAME=VALUE)")
+    owners = LOSSES.hparam_owners()
+    for name, alias in loss_arg_flags().items():
+        text = "; ".join(f"{LOSSES[o].display_name}: {h.help or name} (default {h.default})" for o, h in owners[name])
+        group.add_argument(_flag(alias), dest=f"loss_arg__{alias}", default=argparse.SUPPRESS, metavar="VALUE",
+                           help=text.replace("%", "%%"))
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     values = vars(args).copy()
+    recipe_loss, recipe_args = values.pop("recipe_loss__", (None, {}))
     if isinstance(values.get("model_kwargs"), list):
         values["model_kwargs"] = parse_kv(values["model_kwargs"])
-    return TrainConfig(**values)
+    given = parse_kv(values["loss_args"], "--loss-args") if isinstance(values.get("loss_args"), list) else {}
+    values["loss_args"] = {**(recipe_args if values.get("loss") == recipe_loss else {}), **(given or {})}
+    aliases = {k[len("loss_arg__"):]: values.pop(k) for k in list(values) if k.startswith("loss_arg__")}
+    return TrainConfig.from_dict({**values, **aliases})

@@ -18,6 +18,7 @@ micro-batches it already consumed, so that an interrupted run continues exactly 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import signal
@@ -29,9 +30,13 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 import torch
 
 from ..curves import plot_curves, read_metrics
+from ..data import make_ssl_loader
+from ..errors import ConfigError, DataStallError, TrainingError
+from ..eval.knn import knn_evaluate
+from ..export import export_backbone
 from ..layout import CURVE_PNG, EXPORT_DIR, METRICS, RUN_CONFIG, TRAIN_SUMMARY, atomic_write_bytes
-from ..losses import create_loss
 from ..models import create_ssl_model
+from ..resolve import resolve_backbone
 from .checkpoint import (
     check_safe_to_load,
     latest_checkpoint,
@@ -48,8 +53,10 @@ __all__ = ["train", "TrainResult", "NonFiniteLossError", "resolve_mixed_precisio
 
 StepHook = Callable[[int, Dict[str, Any]], None]
 
+log = logging.getLogger(__name__)
 
-class NonFiniteLossError(RuntimeError):
+
+class NonFiniteLossError(TrainingError):
     """The loss became NaN or infinite; the run stopped without writing a checkpoint."""
 
 
@@ -67,6 +74,7 @@ class TrainResult:
     images_per_s: float
     model: Optional[torch.nn.Module] = None  # the trained SSLModel (unwrapped from DDP)
     throughput: Dict[str, float] = field(default_factory=dict)  # run averages: images/s, data wait, step time, memory
+    data: Dict[str, int] = field(default_factory=dict)  # what the loader read and did not use (this process)
 
 
 class _StopFlag:
@@ -157,7 +165,7 @@ def resolve_mixed_precision(value: Optional[str], device: torch.device) -> str:
     setting when it asks for fp16 or bf16, else bf16 on a CUDA device that supports it, else ``no``."""
     if value not in (None, "auto"):
         if value not in ("no", "fp16", "bf16"):
-            raise ValueError(f"--mixed-precision must be no, fp16, bf16 or auto, got {value!r}")
+            raise ConfigError(f"--mixed-precision must be no, fp16, bf16 or auto, got {value!r}")
         return value
     launched = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
     if launched in ("fp16", "bf16"):
@@ -185,11 +193,11 @@ def resolve_trackers(cfg: TrainConfig) -> Optional[List[str]]:
     trackers = []
     for name in dict.fromkeys(names):
         if name not in LOGGER_TYPE_TO_CLASS:
-            raise ValueError(f"--log-with {name}: not a tracker accelerate supports; choose from "
+            raise ConfigError(f"--log-with {name}: not a tracker accelerate supports; choose from "
                              f"{', '.join(sorted(LOGGER_TYPE_TO_CLASS))}")
         if name not in available:
             package = TRACKER_PACKAGES.get(name, name)
-            raise ValueError(f"--log-with {name}: the {package!r} package is not installed; pip install {package} "
+            raise ConfigError(f"--log-with {name}: the {package!r} package is not installed; pip install {package} "
                              f"(for TensorBoard: pip install 'smi-timm[tensorboard]'), or drop --log-with {name}")
         trackers.append(name)
     return trackers
@@ -232,16 +240,16 @@ def _build_model(cfg: TrainConfig, accelerator, channels_last: bool) -> Tuple[to
         norms = sum(isinstance(m, bn_types) for m in model.modules())
         if accelerator.device.type == "cuda":  # torch's SyncBatchNorm runs on CUDA devices only
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        if accelerator.is_main_process and norms:
-            print(f"SyncBatchNorm: {norms} BatchNorm layers normalise over the global batch "
-                  f"({accelerator.num_processes} processes); --no-sync-bn keeps per-process statistics"
-                  if accelerator.device.type == "cuda" else
-                  "SyncBatchNorm needs CUDA devices: BatchNorm keeps per-process statistics on this CPU run")
+        if accelerator.is_main_process and norms and accelerator.device.type == "cuda":
+            log.info(f"SyncBatchNorm: {norms} BatchNorm layers normalise over the global batch "
+                     f"({accelerator.num_processes} processes); --no-sync-bn keeps per-process statistics")
+        elif accelerator.is_main_process and norms:
+            log.warning("SyncBatchNorm needs CUDA devices: BatchNorm keeps per-process statistics on this CPU run")
     init = None
     if cfg.init_from:
         init = _init_from(cfg, model)
         if accelerator.is_main_process:
-            print(f"initialised from {init['source']} ({init['kind']}): loaded {', '.join(init['loaded'])}"
+            log.info(f"initialised from {init['source']} ({init['kind']}): loaded {', '.join(init['loaded'])}"
                   + ("" if "projector" in init["loaded"] else "; the projector starts fresh"))
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -250,11 +258,9 @@ def _build_model(cfg: TrainConfig, accelerator, channels_last: bool) -> Tuple[to
 
 def _init_from(cfg: TrainConfig, model) -> Dict[str, Any]:
     """Load ``--init-from`` into the freshly built model; returns what was loaded (recorded in run_config.json)."""
-    from ..resolve import resolve_backbone
-
     source = str(cfg.init_from)
     if source.startswith("timm:") and source[len("timm:"):] != cfg.model:
-        raise ValueError(f"--init-from {source} is a different architecture from --model {cfg.model}; pass "
+        raise ConfigError(f"--init-from {source} is a different architecture from --model {cfg.model}; pass "
                          f"--model {source[len('timm:'):]}")
     src = resolve_backbone(source, model=cfg.model, cifar_stem=cfg.cifar_stem, timm_kwargs=cfg.model_kwargs,
                            weights_file=cfg.weights_file)
@@ -264,8 +270,6 @@ def _init_from(cfg: TrainConfig, model) -> Dict[str, Any]:
 
 
 def _make_loader(cfg: TrainConfig, accelerator, channels_last: bool):
-    from ..data import make_ssl_loader
-
     return make_ssl_loader(cfg.data, batch_size=cfg.batch_size, image_size=cfg.image_size, augment=cfg.augment,
                            num_workers=cfg.workers, seed=cfg.seed, rank=accelerator.process_index,
                            world_size=accelerator.num_processes, epoch_samples=cfg.epoch_samples,
@@ -285,14 +289,14 @@ def _precompile_loss(cfg: TrainConfig, accelerator, loss_fn, dim: int) -> None:
         precompile(n, dim, dtype, accelerator.device)
 
 
-def _run_config(cfg: TrainConfig, accelerator, unwrapped, loader, loss_kwargs, schedule,
+def _run_config(cfg: TrainConfig, accelerator, unwrapped, loader, schedule,
                 init: Optional[Dict[str, Any]]) -> Dict[str, Any]:
     total_steps, steps_per_epoch, global_batch = schedule
     return {
         "model": cfg.model, "projector": unwrapped.projector_spec, "cifar_stem": cfg.cifar_stem,
         "timm_kwargs": dict(cfg.model_kwargs or {}), "image_size": cfg.image_size,
         "mean": list(loader.augment.mean), "std": list(loader.augment.std),
-        "loss": {"name": cfg.loss, **{k: v for k, v in loss_kwargs.items() if k != "backend"}},
+        "loss": {"name": cfg.loss, **cfg.loss_entry().definition(cfg.loss_args), "gather": cfg.gather},
         "recipe": {**cfg.to_dict(), "global_batch": global_batch, "total_steps": total_steps,
                    "steps_per_epoch": steps_per_epoch, "num_processes": accelerator.num_processes,
                    "mixed_precision": accelerator.mixed_precision},
@@ -304,7 +308,7 @@ def _schedule(cfg: TrainConfig, micro_per_epoch: int, num_processes: int) -> Tup
     """(total steps, warm-up steps, steps per epoch, global batch)."""
     steps_per_epoch = micro_per_epoch // cfg.grad_accum
     if steps_per_epoch < 1:
-        raise ValueError(
+        raise ConfigError(
             f"an epoch has {micro_per_epoch} batches per process, fewer than --grad-accum {cfg.grad_accum}: use a "
             f"smaller --batch-size or more data"
         )
@@ -317,17 +321,16 @@ def _setup(cfg: TrainConfig, accelerator, loss_fn) -> _Run:
     from accelerate.utils import set_seed
 
     if cfg.data is None:
-        raise ValueError("no training data: pass --data with WebDataset shards (or 'sample' for the bundled sample)")
+        raise ConfigError("no training data: pass --data with WebDataset shards (or 'sample' for the bundled sample)")
     if cfg.check_every is not None and cfg.check_every < 1:
-        raise ValueError(f"--check-every must be a positive number of steps, got {cfg.check_every}")
-    loss_kwargs = cfg.loss_kwargs()  # validates --loss
+        raise ConfigError(f"--check-every must be a positive number of steps, got {cfg.check_every}")
     run_dir = Path(cfg.output_dir)
     accelerator = accelerator if accelerator is not None else _make_accelerator(cfg, run_dir)
     device = accelerator.device
     _configure_device(cfg, device)
     channels_last = cfg.channels_last if cfg.channels_last is not None else device.type == "cuda"
     model, init = _build_model(cfg, accelerator, channels_last)
-    loss_fn = loss_fn if loss_fn is not None else create_loss(cfg.loss, **loss_kwargs)
+    loss_fn = loss_fn if loss_fn is not None else cfg.create_loss()
     set_seed(cfg.seed, device_specific=True)  # rank-specific randomness from here on
     loader = _make_loader(cfg, accelerator, channels_last)
     micro_per_epoch = len(loader)
@@ -339,8 +342,8 @@ def _setup(cfg: TrainConfig, accelerator, loss_fn) -> _Run:
     _precompile_loss(cfg, accelerator, loss_fn, unwrapped.embedding_dim)
     run = _Run(cfg=cfg, accelerator=accelerator, model=model, unwrapped=unwrapped, optimizer=optimizer,
                loss_fn=loss_fn, loader=loader, run_dir=run_dir,
-               run_config=_run_config(cfg, accelerator, unwrapped, loader, loss_kwargs,
-                                      (total, steps_per_epoch, global_batch), init),
+               run_config=_run_config(cfg, accelerator, unwrapped, loader, (total, steps_per_epoch, global_batch),
+                                      init),
                total_steps=total, warmup_steps=warmup, micro_per_epoch=micro_per_epoch,
                metrics=_MetricsWriter(run_dir / METRICS, enabled=False),
                meter=ThroughputMeter(device, cfg.batch_size * accelerator.num_processes), health=LossHealth(device))
@@ -358,7 +361,7 @@ def _resume(run: _Run) -> None:
     run.step = int(read_trainer_state(ckpt)["step"])
     run.micro = run.step * run.cfg.grad_accum
     if run.is_main:
-        print(f"resumed from {ckpt} at step {run.step}/{run.total_steps}")
+        log.info(f"resumed from {ckpt} at step {run.step}/{run.total_steps}")
 
 
 def _open_run_dir(run: _Run) -> None:
@@ -454,7 +457,7 @@ def _batches(run: _Run) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
         if run.step < run.total_steps and run.micro % run.micro_per_epoch:
             # the loader ended the epoch early (skipped corrupt samples): start the next epoch
             if run.micro == start:
-                raise RuntimeError(f"the training loader yielded no batch for epoch {epoch} (data stats: "
+                raise DataStallError(f"the training loader yielded no batch for epoch {epoch} (data stats: "
                                    f"{run.loader.stats()}); check --data and the shards")
             run.micro = (epoch + 1) * run.micro_per_epoch
 
@@ -496,7 +499,7 @@ def _after_step(run: _Run, loss: torch.Tensor, stop: _StopFlag, on_step: Optiona
     if _check(run, stop):
         run.last_ckpt = _save(run, "signal")
         if run.is_main:
-            run.bar.write(f"stop requested: saved {run.last_ckpt}; resume with --resume auto")
+            log.warning(f"stop requested: saved {run.last_ckpt}; resume with --resume auto")
         return True
     if eval_now:
         run.final_knn = _run_monitor(run)
@@ -546,7 +549,7 @@ def _log(run: _Run, on_step: Optional[StepHook]) -> None:
     run.bar.set_postfix(postfix)
     warning = run.collapse.warning(run.step, health) if health else None
     if warning and run.is_main:
-        run.bar.write(warning)
+        log.warning(warning)
     if on_step is not None and run.is_main:
         on_step(run.step, record)
 
@@ -563,8 +566,6 @@ def _save(run: _Run, reason: Optional[str] = None) -> Path:
 # ------------------------------------------------------------------------------------------------------------------
 def _run_monitor(run: _Run) -> Optional[Dict[str, float]]:
     """Online kNN (bank ``--eval-train``, queries ``--eval-test``) on the main process; the other ranks wait."""
-    from ..eval.knn import knn_evaluate
-
     result = None
     if run.is_main:
         t0 = time.perf_counter()
@@ -588,16 +589,15 @@ def _finish(run: _Run, status: str) -> TrainResult:
         if run.cfg.eval_train and run.cfg.eval_test:
             run.final_knn = _run_monitor(run)
         if run.is_main and run.cfg.export:
-            from ..export import export_backbone
-
             export_dir = run.run_dir / EXPORT_DIR
             export_backbone(run.unwrapped, export_dir, run.run_config, step=run.step)
     run.metrics.close()
     summary = run.meter.summary()
+    data = {k: v for k, v in run.loader.stats().items() if v or k == "samples"}
     if run.is_main:
         curve = plot_curves(run.metrics.path, run.run_dir / CURVE_PNG)
-        write_json_atomic(run.run_dir / TRAIN_SUMMARY,
-                          {"status": status, "step": run.step, "total_steps": run.total_steps, **summary})
+        write_json_atomic(run.run_dir / TRAIN_SUMMARY, {"status": status, "step": run.step,
+                                                        "total_steps": run.total_steps, **summary, "data": data})
     run.accelerator.wait_for_everyone()
     if _has_tracker(run.accelerator):
         for tracker in run.accelerator.trackers:  # not end_training(): the caller may still use the process group
@@ -605,7 +605,7 @@ def _finish(run: _Run, status: str) -> TrainResult:
     return TrainResult(run_dir=run.run_dir, step=run.step, total_steps=run.total_steps, status=status,
                        last_checkpoint=run.last_ckpt, export_dir=export_dir, metrics_path=run.metrics.path,
                        curve_png=curve, final_knn=run.final_knn, images_per_s=summary.get("images_per_s", 0.0),
-                       model=run.unwrapped, throughput=summary)
+                       model=run.unwrapped, throughput=summary, data=data)
 
 
 def _has_tracker(accelerator) -> bool:

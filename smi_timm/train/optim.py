@@ -16,6 +16,8 @@ from typing import Dict, Iterable, List
 import torch
 from torch import nn
 
+from ..errors import ConfigError
+
 __all__ = ["LARS", "param_groups", "build_optimizer", "lr_at_step", "set_lr", "OPTIMIZERS"]
 
 OPTIMIZERS = ("lars", "adamw", "sgd")
@@ -34,7 +36,7 @@ class LARS(torch.optim.Optimizer):
 
     def __init__(self, params, lr: float, weight_decay: float = 0.0, momentum: float = 0.9, eta: float = 0.001):
         if lr < 0:
-            raise ValueError(f"LARS: lr must be >= 0, got {lr}")
+            raise ConfigError(f"LARS: lr must be >= 0, got {lr}")
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, eta=eta, lars_adapt=True))
 
     @torch.no_grad()
@@ -98,7 +100,7 @@ def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float,
     ``lr`` (and ``lr_biases``, LARS only; defaults to ``lr``) are per 256 images of global batch.
     """
     if name not in OPTIMIZERS:
-        raise ValueError(f"unknown optimizer {name!r}; valid values are: {', '.join(map(repr, OPTIMIZERS))}")
+        raise ConfigError(f"unknown optimizer {name!r}; valid values are: {', '.join(map(repr, OPTIMIZERS))}")
     scale = global_batch / 256.0
     lr_w = lr * scale
     lr_b = (lr if lr_biases is None or name != "lars" else lr_biases) * scale
@@ -117,7 +119,7 @@ def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float,
 def lr_at_step(step: int, total_steps: int, warmup_steps: int, min_lr_ratio: float = 0.001) -> float:
     """Multiplier of the peak learning rate at optimiser step ``step`` (0-based): linear warmup, then cosine."""
     if total_steps <= 0:
-        raise ValueError(f"total_steps must be positive, got {total_steps}")
+        raise ConfigError(f"total_steps must be positive, got {total_steps}")
     if warmup_steps > 0 and step < warmup_steps:
         return (step + 1) / warmup_steps
     progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))

@@ -1,6 +1,6 @@
 """The quick start: pretrain a small model with SMI on the bundled CIFAR-10 sample, on a CPU, in minutes.
 
-``smi-quickstart`` (or ``python -m smi_timm.quickstart``), with no arguments and no data of your own:
+``smi-quickstart`` (or ``python -m smi_timm.cli.quickstart``), with no arguments and no data of your own:
 
 1. pretrains the quick-start configuration below with the SMI loss on the 4,000 bundled training images;
 2. evaluates weighted kNN (k=200, T=0.1; also k=20) of the pretrained backbone and of the same backbone randomly
@@ -21,7 +21,14 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
-__all__ = ["QUICKSTART", "METHOD_NAMES", "main", "knn_pretrained_vs_random"]
+from ..eval.knn import knn_evaluate
+from ..layout import WEIGHTS_NAME, write_json_atomic
+from ..losses import LOSSES
+from ..resolve import resolve_backbone
+from ..train import TrainConfig, train
+from .common import run_cli
+
+__all__ = ["QUICKSTART", "QUICKSTART_LOSS_ARGS", "main", "knn_pretrained_vs_random"]
 
 QUICKSTART = dict(
     model="resnet18",
@@ -33,8 +40,6 @@ QUICKSTART = dict(
     batch_size=128,
     workers=1,
     loss="smi",
-    neg_weight=16.0,
-    eps=1e-2,
     optimizer="lars",
     lr=3.0,
     lr_biases=None,
@@ -48,17 +53,14 @@ QUICKSTART = dict(
 )
 
 
-#: How the quick start's table names each ``--loss``.
-METHOD_NAMES = {"smi": "SMI", "barlow": "Barlow Twins", "vicreg": "VICReg", "simclr": "SimCLR"}
+#: The quick start's settings of a loss (chosen for this tiny budget); any other ``--loss`` runs at its defaults.
+QUICKSTART_LOSS_ARGS = {"smi": dict(neg_weight=16.0, eps=1e-2)}
 
 
 def knn_pretrained_vs_random(pretrained_backbone, model: str, cifar_stem: bool, image_size: int, seed: int = 0,
                              workers: int = 1) -> Dict[str, Dict[str, float]]:
     """kNN accuracy (k=200 and k=20, T=0.1; bank: the bundled training split, queries: the bundled test split) of a
     pretrained backbone and of a random init of the same model: ``{"pretrained"|"random_init": {"k200_top1", ...}}``."""
-    from .eval.knn import knn_evaluate
-    from .resolve import resolve_backbone
-
     random_backbone = resolve_backbone("random", model=model, cifar_stem=cifar_stem, seed=seed).backbone
     results = {}
     for name, backbone in (("pretrained", pretrained_backbone), ("random_init", random_backbone)):
@@ -74,7 +76,7 @@ def _print_summary(cfg, summary: Dict, train_seconds: float) -> None:
     print(f"trained {summary['steps']} steps in {train_seconds:.0f} s; kNN on the bundled test split (1,000 images):")
     print("| backbone | kNN top-1 (k=200) | kNN top-1 (k=20) |")
     print("|---|---|---|")
-    print(f"| {cfg.model} {METHOD_NAMES.get(cfg.loss, cfg.loss)}-pretrained | {p['k200_top1']:.1f} | "
+    print(f"| {cfg.model} {LOSSES[cfg.loss].display_name}-pretrained | {p['k200_top1']:.1f} | "
           f"{p['k20_top1']:.1f} |")
     print(f"| {cfg.model} random init | {r['k200_top1']:.1f} | {r['k20_top1']:.1f} |")
     print()
@@ -93,21 +95,23 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--steps", type=int, default=QUICKSTART["max_steps"],
                         help=f"optimiser steps (default: {QUICKSTART['max_steps']})")
     parser.add_argument("--output-dir", default=QUICKSTART["output_dir"], help="run directory")
-    parser.add_argument("--loss", default="smi", choices=list(METHOD_NAMES), help="loss (default: smi)")
+    parser.add_argument("--loss", default="smi", choices=list(LOSSES), help="loss (default: smi)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workers", type=int, default=QUICKSTART["workers"], help="data loader workers")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
     parser.add_argument("--resume", default=None, help="'auto' to continue an interrupted quick start")
     args = parser.parse_args(argv)
+    return run_cli("smi-quickstart", lambda: _quickstart(args))
 
-    from .train import TrainConfig, train
 
+def _quickstart(args) -> int:
     settings = dict(QUICKSTART, max_steps=args.steps, output_dir=args.output_dir, loss=args.loss, seed=args.seed,
                     workers=args.workers, progress=args.progress, resume=args.resume,
+                    loss_args=dict(QUICKSTART_LOSS_ARGS.get(args.loss, {})),
                     save_every=max(1, min(QUICKSTART["save_every"], args.steps)),
                     warmup_steps=min(QUICKSTART["warmup_steps"], max(0, args.steps // 5)))
     cfg = TrainConfig(**settings)
-    print(f"smi-timm quick start: {METHOD_NAMES[cfg.loss]} on the bundled CIFAR-10 sample, {cfg.model} at "
+    print(f"smi-timm quick start: {LOSSES[cfg.loss].display_name} on the bundled CIFAR-10 sample, {cfg.model} at "
           f"{cfg.image_size} px, batch {cfg.batch_size}, {cfg.max_steps} steps")
     t0 = time.perf_counter()
     result = train(cfg)
@@ -116,10 +120,6 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"interrupted at step {result.step}; continue with: smi-quickstart --resume auto "
               f"--output-dir {cfg.output_dir}")
         return 1
-
-    from .layout import WEIGHTS_NAME, write_json_atomic
-    from .resolve import resolve_backbone
-
     t1 = time.perf_counter()
     backbone = resolve_backbone(result.export_dir).backbone  # what a user gets back from the exported files
     knn = knn_pretrained_vs_random(backbone, cfg.model, cfg.cifar_stem, cfg.image_size, seed=cfg.seed,
