@@ -312,15 +312,16 @@ def device_stage_split(urls, image_size: int, batch_size: int, batches: int, dev
     from smi_timm.data.augment import batch_seed
     from smi_timm.data.feed import DeviceStage
     from smi_timm.data.pipeline import DeviceTwoView
+    from smi_timm.data.sources import open_data
     from smi_timm.data.stats import DataStats
-    from smi_timm.data.stream import SSLStream
+    from smi_timm.data.stream import SSLStream, StreamOptions
 
     cfg = get_augment_config("byol")
-    ds = SSLStream(list(_expand(urls)), batch_size, batches, cfg, image_size, 0, 0, 1, 500, 0, 0, "raw")
-    items = list(ds)
+    options = StreamOptions(batch_size=batch_size, batches=batches, augment=cfg, image_size=image_size, seed=0, rank=0,
+                            world_size=1, shuffle_buffer=500, mode="raw")
+    items = list(SSLStream(open_data(list(_expand(urls))), options, epoch=0, start_batch=0))
     if torch.device(device).type == "cuda":  # as the loader delivers them
-        for it in items:
-            it["enc"], it["pix"] = it["enc"].pin_memory(), it["pix"].pin_memory()
+        items = [it._replace(enc=it.enc.pin_memory(), pix=it.pix.pin_memory()) for it in items]
     pipe = DeviceTwoView(cfg, image_size, device, torch.bfloat16, channels_last=True)
     stage = DeviceStage(pipe, lambda k: batch_seed(0, 0, 0, k), DataStats())
     for it in items[:2]:
@@ -335,12 +336,12 @@ def device_stage_split(urls, image_size: int, batch_size: int, batches: int, dev
     decoded = []
     t0 = time.perf_counter()
     for it in items[2:]:
-        decoded.append(stage._decode(list(torch.split(it["enc"], list(it["enc_sizes"]))))[0])
+        decoded.append(stage.decode(list(torch.split(it.enc, list(it.enc_sizes))))[0])
     sync(device)
     t_dec = time.perf_counter() - t0
     t0 = time.perf_counter()
     for k, (it, imgs) in enumerate(zip(items[2:], decoded)):
-        pipe(imgs, it["slot_image"], batch_seed(0, 0, 0, k))
+        pipe(imgs, it.slot_image, batch_seed(0, 0, 0, k))
     sync(device)
     t_aug = time.perf_counter() - t0
     return {"samples": n, "samples_per_s": n / wall, "main_cpu_us_per_sample": cpu / n * 1e6,

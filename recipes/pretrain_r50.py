@@ -26,7 +26,9 @@ Several nodes (run on every node; here 4 nodes × 8 GPUs, batch 64 per GPU keeps
         --main_process_ip $MASTER_ADDR --main_process_port 29500 --mixed_precision bf16 \\
         recipes/pretrain_r50.py --data 'imagenet/train-{000000..001023}.tar' --batch-size 64 --output-dir runs/r50
 
-The matching accelerate config (``accelerate config`` writes it; the flags above are equivalent)::
+The matching accelerate config (``accelerate config`` writes it; the flags above are equivalent). For full precision
+write ``mixed_precision: 'no'`` with the quotes: a bare ``no`` is read by YAML as the boolean false, which accelerate
+rejects::
 
     compute_environment: LOCAL_MACHINE
     distributed_type: MULTI_GPU

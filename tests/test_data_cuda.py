@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from smi_timm.data import get_augment_config, make_ssl_loader, write_shards
-from smi_timm.data.feed import _decode_jpegs
+from smi_timm.data.feed import decode_jpegs
 from smi_timm.data.pipeline import DeviceTwoView, pack_images
 from smi_timm.data.reading import decode_image
 from smi_timm.data.stats import DataStats
@@ -36,7 +36,7 @@ def _jpegs(n, seed=0):
 def test_nvjpeg_decode_matches_cpu_decoder():
     jpegs = _jpegs(16)
     parts = [torch.frombuffer(bytearray(j), dtype=torch.uint8) for j in jpegs]
-    gpu = _decode_jpegs(parts, torch.device("cuda"))
+    gpu = decode_jpegs(parts, torch.device("cuda"))
     for j, g in zip(jpegs, gpu):
         c = decode_image(j, DataStats())
         assert g.shape == c.shape and g.device.type == "cuda"

@@ -20,6 +20,7 @@ from smi_timm.data import get_augment_config, make_ssl_loader, write_shards
 from smi_timm.data.feed import DeviceStage, Prefetcher
 from smi_timm.data.pipeline import DeviceTwoView, pack_images
 from smi_timm.data.stats import DataStats
+from smi_timm.data.stream import RawItem
 from smi_timm.data.testing import encode_image, write_samples
 
 SYNCING = {"_local_scalar_dense", "item", "nonzero", "nonzero_static", "is_nonzero", "equal", "allclose",
@@ -164,26 +165,26 @@ def test_device_decoder_failure_is_rescued(monkeypatch):
     rng = np.random.default_rng(1)
     jpegs = [encode_image(rng.integers(0, 256, (30 + 8 * i, 40, 3), dtype=np.uint8)) for i in range(4)]
     assert len({len(j) for j in jpegs}) == 4
-    real = feed._decode_jpegs
+    real = feed.decode_jpegs
 
     def flaky(parts, device):
         if any(int(p.numel()) == len(jpegs[1]) for p in parts):
             raise RuntimeError("nvjpeg: unsupported")
         return real(parts, device)
 
-    monkeypatch.setattr(feed, "_decode_jpegs", flaky)
+    monkeypatch.setattr(feed, "decode_jpegs", flaky)
     stats = DataStats()
     stage = DeviceStage(DeviceTwoView(get_augment_config("cifar"), 32, "cpu"), lambda k: k, stats)
     enc = torch.frombuffer(bytearray(b"".join(jpegs)), dtype=torch.uint8)
-    item = {"batch": 0, "enc": enc, "enc_sizes": [len(j) for j in jpegs], "enc_hw": [], "slot_image": [0, 1, 2, 3],
-            "pix": torch.empty(0, dtype=torch.uint8), "pix_hw": []}
+    item = RawItem(batch=0, enc=enc, enc_sizes=[len(j) for j in jpegs], enc_hw=[],
+                   pix=torch.empty(0, dtype=torch.uint8), pix_hw=[], slot_image=[0, 1, 2, 3], stats={})
     a, b = stage(item)
     assert a.shape == (4, 3, 32, 32) and stats["undecodable"] == 0  # rescued by the CPU decoder
     broken = bytearray(jpegs[1])
     broken[len(broken) // 3:] = bytes(len(broken) - len(broken) // 3)  # entropy data zeroed: the CPU decoder fails
     monkeypatch.setattr(feed, "decode_image", lambda data, st: (st.add("undecodable"), None)[1])
-    item["enc"] = torch.frombuffer(bytearray(b"".join([jpegs[0], bytes(broken), jpegs[2], jpegs[3]])),
-                                   dtype=torch.uint8)
+    item = item._replace(enc=torch.frombuffer(bytearray(b"".join([jpegs[0], bytes(broken), jpegs[2], jpegs[3]])),
+                                              dtype=torch.uint8))
     a, b = stage(item)
     assert a.shape == (4, 3, 32, 32) and stats["undecodable"] == 1
 

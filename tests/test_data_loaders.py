@@ -136,17 +136,22 @@ def test_epoch_length_from_index_or_argument(folder_shards, tmp_path):
     shards = sorted(str(p) for p in (tmp / "shards").glob("*.tar"))
     loader = make_ssl_loader(shards, batch_size=4, image_size=32, num_workers=0, epoch_samples=20)
     assert len(loader) == 5 and len(list(loader)) == 5
-    # copy the shards without their index: the length must be given explicitly
+    # copy the shards without their index: local shards are counted from their tar headers (and the source says so)
     bare = tmp_path / "bare"
     bare.mkdir()
     for p in shards:
         (bare / Path(p).name).write_bytes(Path(p).read_bytes())
-    with pytest.raises(ValueError, match="epoch_samples"):
-        make_ssl_loader(str(bare / "train-*.tar"), batch_size=4, image_size=32, num_workers=0)
+    counted = make_ssl_loader(str(bare / "train-*.tar"), batch_size=4, image_size=32, num_workers=0)
+    assert counted.epoch_samples == 45 and "counted by reading the tar headers" in counted.source.how
     with pytest.raises(ValueError, match="shorter than one batch"):
         make_ssl_loader(shards, batch_size=64, image_size=32, num_workers=0, rank=0, world_size=1)
+    # a stream of unknown length: --epoch-samples, or one epoch = the run (--max-steps)
+    piped = f"pipe:cat {bare / 'train-000000.tar'}"
+    with pytest.raises(ValueError, match="epoch length unknown.*--epoch-samples N.*--max-steps N"):
+        make_ssl_loader(piped, batch_size=4, image_size=32, num_workers=0)
+    assert len(make_ssl_loader(piped, batch_size=4, image_size=32, num_workers=0, run_batches=7)) == 7
     with pytest.raises(TypeError):
-        len(make_eval_loader(str(bare / "train-*.tar"), batch_size=4, image_size=32, num_workers=0))
+        len(make_eval_loader(piped, batch_size=4, image_size=32, num_workers=0))
 
 
 def test_url_forms_tar_gz_list_and_pipe(folder_shards, tmp_path):
@@ -167,9 +172,9 @@ def test_url_forms_tar_gz_list_and_pipe(folder_shards, tmp_path):
 
 def test_start_up_errors(folder_shards, tmp_path):
     tmp, _, _ = folder_shards
-    with pytest.raises(ValueError, match="no shards"):
+    with pytest.raises(ValueError, match="no data given"):
         make_ssl_loader([], batch_size=4, image_size=32)
-    with pytest.raises(ValueError, match="no shards"):
+    with pytest.raises(ValueError, match="no data given"):
         make_eval_loader("", batch_size=4, image_size=32)
     with pytest.raises(FileNotFoundError, match="matched no files"):
         make_ssl_loader(str(tmp_path / "nothing-*.tar"), batch_size=4, image_size=32, epoch_samples=10)
@@ -177,8 +182,11 @@ def test_start_up_errors(folder_shards, tmp_path):
         make_eval_loader(str(tmp_path / "nothing-*.tar"), batch_size=4, image_size=32)
     with pytest.raises(FileNotFoundError, match="none of the 2 shard"):
         make_ssl_loader(str(tmp_path / "gone-{0..1}.tar"), batch_size=4, image_size=32, epoch_samples=10)
-    with pytest.raises(ValueError, match="is a directory"):
-        make_ssl_loader(tmp / "shards", batch_size=4, image_size=32, epoch_samples=10)
+    # a folder is looked into: its shards are the data (the index beside them is metadata, not a shard)
+    folder = make_ssl_loader(tmp / "shards", batch_size=4, image_size=32, epoch_samples=10)
+    assert folder.source.kind == "shards" and len(folder.source.units) == 3 and not folder.source.ignored
+    with pytest.raises(ValueError, match="is a folder among other data"):
+        make_ssl_loader([str(tmp / "shards"), str(tmp / "shards" / "train-000000.tar")], batch_size=4, image_size=32)
     with pytest.raises(ValueError, match="unknown augment preset"):
         make_ssl_loader(str(tmp / "shards" / "train-*.tar"), batch_size=4, image_size=32, augment="simclr-ish")
     with pytest.raises(ValueError, match="rank"):
@@ -241,10 +249,9 @@ def test_sample_specs_are_understood_by_the_loaders():
 
 def test_epoch_length_message_names_cli_and_python(folder_shards, tmp_path):
     tmp, _, _ = folder_shards
-    for p in (tmp / "shards").glob("*.tar"):
-        (tmp_path / p.name).write_bytes(p.read_bytes())
+    piped = "pipe:cat " + str(next((tmp / "shards").glob("*.tar")))
     with pytest.raises(ValueError, match="--epoch-samples N on the command line, epoch_samples=N in Python"):
-        make_ssl_loader(str(tmp_path / "train-*.tar"), batch_size=4, image_size=32, num_workers=0)
+        make_ssl_loader(piped, batch_size=4, image_size=32, num_workers=0)
 
 
 @pytest.mark.filterwarnings("ignore:This DataLoader will create")

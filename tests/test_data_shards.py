@@ -178,11 +178,13 @@ def test_unlabeled_folder_to_shards(tmp_path):
     assert len(ssl) == 2 and len(list(ssl)) == 2
     with pytest.raises(ValueError, match="evaluation needs labels"):
         make_eval_loader(s.shards, batch_size=2, image_size=32)
-    # a nested folder: sub-folders would be classes unless --unlabeled
+    # a nested folder: sub-folders would be classes unless --unlabeled; the loose photos next to them have no class,
+    # so the writer refuses them (naming the fix) instead of dropping them
     (flat / "2024" / "june").mkdir(parents=True)
     (flat / "2024" / "june" / "q.jpg").write_bytes(encode_image(flat_image(90)))
-    labelled = write_shards(flat, tmp_path / "l" / "train-%06d.tar", progress=False)
-    assert labelled.labeled and labelled.classes == ["2024"] and labelled.num_samples == 1
+    with pytest.raises(ValueError, match=r"5 image\(s\) directly in it.*next to 1 class folder.*--unlabeled"):
+        write_shards(flat, tmp_path / "l" / "train-%06d.tar", progress=False)
+    assert main([str(flat), str(tmp_path / "l" / "train-%06d.tar"), "--no-progress"]) == 2
     assert main([str(flat), str(tmp_path / "r" / "train-%06d.tar"), "--unlabeled", "--no-progress"]) == 0
     assert json.loads((tmp_path / "r" / "train.json").read_text())["num_samples"] == 6
     with pytest.raises(SystemExit):  # mutually exclusive
@@ -199,5 +201,6 @@ def test_eval_loader_refuses_shards_without_labels_and_no_index(tmp_path):
     samples = [(f"k{i}", {"jpg": encode_image(flat_image(10 * i))}) for i in range(4)]
     (path,) = write_samples(tmp_path / "n-%06d.tar", samples, index=False)
     loader = make_eval_loader(path, batch_size=2, image_size=32, num_workers=0)
-    with pytest.raises(ValueError, match="needs labelled samples"):
+    with pytest.raises(ValueError, match="no usable label: the evaluation looked for the 'cls' entry and found it "
+                                         "missing in 4"):
         list(loader)

@@ -46,7 +46,7 @@ def bad_files(tmp_path_factory):
     garbage.write_bytes(np.random.default_rng(0).integers(0, 256, 100_000, dtype=np.uint8).tobytes())
     from smi_timm.data.testing import encode_image
 
-    jpeg = tmp / "photo.jpg"
+    jpeg = tmp / "photo.tar"  # a JPEG passed as a shard
     jpeg.write_bytes(encode_image(np.zeros((64, 64, 3), dtype=np.uint8)))
     return garbage, jpeg
 

@@ -10,6 +10,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SECTIONS = ["env", "tests", "loss", "data", "r50", "vit", "cifar"]
+FLOWERS = REPO.parent / "shared" / "data" / "flowers12"  # absent in a plain clone: section g skips its transfer
 
 
 @pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None, reason="needs bash and timeout")
@@ -24,7 +25,11 @@ def test_gpu_check_smoke(tmp_path):
     summary = (out / "summary.md").read_text()
     rows = {line.split("|")[1].strip(): line.split("|")[2].strip() for line in summary.splitlines()
             if line.startswith("| ") and line.count("|") == 4}
-    assert all(rows.get(name) == "ok" for name in SECTIONS), (rows, proc.stdout[-3000:])
+    expected = {name: "ok" for name in SECTIONS}
+    if not FLOWERS.is_dir():  # the plain clone: section g runs without its transfer and spatial phases, and says so
+        assert rows.get("cifar", "").startswith("ok (partly skipped: transfer and spatial: no flowers12 data"), rows
+        rows["cifar"] = "ok"
+    assert {name: rows.get(name) for name in SECTIONS} == expected, (rows, proc.stdout[-3000:])
     assert "| target | measured | wanted | result |" in summary  # the targets table (not judged in smoke mode)
     with tarfile.open(out / "results.tgz") as tar:
         names = tar.getnames()

@@ -68,7 +68,7 @@ def eval_settings(args: argparse.Namespace, **overrides) -> EvalSettings:
     names = {"image_size": "image_size", "batch_size": "batch_size", "workers": "workers", "threads": "threads",
              "amp": "amp", "device": "device", "seed": "seed", "cache_dir": "cache_dir", "max_batches": "max_batches",
              "probe_epochs": "epochs", "probe_lr": "lr", "probe_wd": "wd", "probe_batch_size": "probe_batch_size",
-             "flip": "flip", "T": "T"}
+             "flip": "flip", "T": "T", "label_key": "label_key", "classes_file": "classes_file"}
     values = {field: getattr(args, flag) for field, flag in names.items() if getattr(args, flag, None) is not None}
     if hasattr(args, "no_progress"):
         values["progress"] = not args.no_progress

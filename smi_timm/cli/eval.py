@@ -62,6 +62,10 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
                    help="training/bank data: WebDataset shard pattern(s) or an ImageFolder dir (repeatable); "
                         "sample:train = the bundled CIFAR-10 sample")
     p.add_argument("--test", action="append", required=True, help="test data, same forms as --train")
+    p.add_argument("--label-key", help="read labels from this field of each sample's json entry (default: cls)")
+    p.add_argument("--classes", dest="classes_file",
+                   help="class names, one per line (line i = class i), for labels given as names (default: the "
+                        "data's own: the shard index, a classes.txt next to the shards, or the class folders)")
     p.add_argument("--cache-dir", help="cache extracted features here (safetensors, keyed by weights+data+size)")
     p.add_argument("--max-batches", type=int, help="use only the first N batches of each split (quick checks)")
     p.add_argument("--out", help="write the result JSON here")
@@ -90,7 +94,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _report_data(result: Dict[str, Any]) -> None:
+    """What each split's loader read, evaluated and dropped (and why), on stderr."""
+    for split, d in (result.get("data") or {}).items():
+        dropped = ", ".join(f"{n} {k.replace('_', ' ')}" for k, n in d["dropped"].items())
+        print(f"{split}: read {d['read']} samples, evaluated {d['evaluated']}"
+              + (f", dropped {sum(d['dropped'].values())} ({dropped})" if dropped else ""), file=sys.stderr)
+
+
 def _write(result: Dict[str, Any], args) -> None:
+    _report_data(result)
     row = table_row(result)
     result["table_row"] = row
     if args.out:
@@ -117,6 +130,8 @@ def _transfer(args) -> int:
     settings = eval_settings(args, image_size=None, k=args.k[0], extra_k=tuple(args.k[1:]))
     results = [run_transfer(backbone_source(args, w), args.train, args.test, settings, image_sizes=sizes)
                for w in args.weights]
+    for r in results[:1]:
+        _report_data(r)
     rows = [row for r in results for row in r["table_rows"]]
     if args.table:
         append_rows(args.table, TRANSFER_HEADER, rows)

@@ -23,12 +23,12 @@ from ..errors import DataStallError
 from .pipeline import DeviceTwoView
 from .reading import decode_image
 from .stats import DataStats
-from .stream import fill_slots
+from .stream import RawItem, fill_slots
 
 __all__ = ["DeviceStage", "Prefetcher"]
 
 
-def _decode_jpegs(parts: List[torch.Tensor], device: torch.device) -> List[torch.Tensor]:
+def decode_jpegs(parts: List[torch.Tensor], device: torch.device) -> List[torch.Tensor]:
     from torchvision.io import ImageReadMode, decode_jpeg
 
     with warnings.catch_warnings():  # torchvision >= 0.28 deprecates its codecs (in favour of torchcodec)
@@ -48,30 +48,30 @@ class DeviceStage:
         self.seed_of = seed_of
         self.stats = stats
 
-    def _decode(self, parts: List[torch.Tensor]) -> Tuple[List[Optional[torch.Tensor]], List[torch.Tensor]]:
+    def decode(self, parts: List[torch.Tensor]) -> Tuple[List[Optional[torch.Tensor]], List[torch.Tensor]]:
         """Device-decoded images (``None`` where the device decoder failed) and CPU-decoded replacements for them
         (one entry per failure: a tensor, or ``None`` when nothing decodes it)."""
         if not parts:
             return [], []
         try:
-            return _decode_jpegs(parts, self.device), []
+            return decode_jpegs(parts, self.device), []
         except RuntimeError:  # one bad file fails the whole batched call: decode one by one
             pass
         out: List[Optional[torch.Tensor]] = []
         cpu: List[Optional[torch.Tensor]] = []
         for p in parts:
             try:
-                out.append(_decode_jpegs([p], self.device)[0])
+                out.append(decode_jpegs([p], self.device)[0])
             except RuntimeError:
                 out.append(None)
                 cpu.append(decode_image(bytes(p.numpy()), self.stats))
         return out, cpu
 
-    def __call__(self, item: Dict) -> Tuple[torch.Tensor, torch.Tensor]:
-        sizes = list(item["enc_sizes"])
-        parts = list(torch.split(item["enc"], sizes)) if sizes else []
-        decoded, rescued = self._decode(parts)
-        pix, pix_hw = item["pix"], [tuple(hw) for hw in item["pix_hw"]]
+    def __call__(self, item: RawItem) -> Tuple[torch.Tensor, torch.Tensor]:
+        sizes = list(item.enc_sizes)
+        parts = list(torch.split(item.enc, sizes)) if sizes else []
+        decoded, rescued = self.decode(parts)
+        pix, pix_hw = item.pix, [tuple(hw) for hw in item.pix_hw]
         # numbering: device images that decoded, then the worker's CPU images, then those rescued on the CPU here
         ok = [d for d in decoded if d is not None]
         first_rescued = len(ok) + len(pix_hw)
@@ -88,10 +88,10 @@ class DeviceStage:
             saved += img is not None
         rescued = [img for img in rescued if img is not None]
         index += [len(ok) + c for c in range(len(pix_hw))]
-        slot = [index[s] for s in item["slot_image"]]
+        slot = [index[s] for s in item.slot_image]
         valid = [i for i, s in enumerate(slot) if s >= 0]
         if not valid:
-            raise DataStallError(f"SSL loader: no image of batch {item['batch']} decodes on {self.device} or on the "
+            raise DataStallError(f"SSL loader: no image of batch {item.batch} decodes on {self.device} or on the "
                                f"CPU, although every one passed the header checks; counters: {self.stats!r}")
         slot = [slot[j] for j in fill_slots(valid, len(slot))]
         extra = ([pix] if pix.numel() else []) + [img.reshape(-1) for img in rescued]
@@ -102,7 +102,7 @@ class DeviceStage:
             if self.device.type == "cuda" and not host.is_pinned():
                 host = host.pin_memory()
             flat = host.to(self.device, non_blocking=True)
-        return self.pipeline(ok, slot, self.seed_of(item["batch"]), flat, extra_hw)
+        return self.pipeline(ok, slot, self.seed_of(item.batch), flat, extra_hw)
 
 
 _STOP = object()

@@ -22,14 +22,16 @@ Both loaders count bad data (see :mod:`smi_timm.data.stats`); workers send their
 """
 from __future__ import annotations
 
+import logging
 import math
 import os
 import warnings
 import weakref
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from dataclasses import dataclass
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
-from torch.utils.data import Dataset, IterableDataset, get_worker_info
+from torch.utils.data import IterableDataset, get_worker_info
 
 from ..errors import DataError
 from .augment import (
@@ -42,29 +44,30 @@ from .augment import (
 )
 from .feed import DeviceStage, Prefetcher
 from .pipeline import DeviceTwoView, FinishUint8
-from .reading import (
-    UrlSpec,
-    check_local_shards,
-    decode_image,
-    expand_urls,
-    index_info,
-    iter_shard,
-    sample_image_bytes,
-    sample_label,
-)
+from .reading import LabelRule, decode_image, sample_image_bytes, sample_label
+from .sources import DataSpec, Source, open_data
 from .stats import DataStats, merge
-from .stream import SSLStream, single_thread
+from .stream import SSLStream, StreamOptions, single_thread
 from .workers import WorkerPool, check_worker
 
 __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "SSLLoader",
+    "SSLLoaderOptions",
     "EvalLoader",
+    "EvalLoaderOptions",
+    "UnknownLengthError",
     "make_ssl_loader",
     "make_eval_loader",
     "default_num_workers",
+    "DEFAULT_SHUFFLE_BUFFER",
 ]
+
+log = logging.getLogger(__name__)
+
+#: samples in each worker's shuffle buffer (encoded bytes), unless the data is smaller
+DEFAULT_SHUFFLE_BUFFER = 2000
 
 #: Upper bound of :func:`default_num_workers` on the CPU path (beyond it, file handles and shared memory grow for
 #: little gain) and its value on the accelerator path.
@@ -110,18 +113,9 @@ def _dist_rank_world(rank: Optional[int], world_size: Optional[int]) -> Tuple[in
     return int(rank), int(world_size)
 
 
-def _resolve_shards(urls: UrlSpec, stats: DataStats) -> List[str]:
-    if isinstance(urls, (str, os.PathLike)) and os.path.isdir(os.fspath(urls)):
-        raise DataError(
-            f"{os.fspath(urls)!r} is a directory; pass shard files or a pattern such as 'DIR/train-*.tar' "
-            "(write shards from an image folder with `smi-make-shards`)"
-        )
-    return check_local_shards(expand_urls(urls), stats)
-
-
-
 class UnknownLengthError(DataError, TypeError):
     """``len()`` of a loader whose data has no known size (a ``TypeError`` too, as ``len()`` expects)."""
+
 
 class _LoaderBase:
     """Counters, explicit shutdown and context-manager use, common to both loaders."""
@@ -157,50 +151,65 @@ class _LoaderBase:
     def __exit__(self, *exc) -> None:
         self.close()
 
+    def __getattr__(self, name: str) -> Any:
+        """The options' fields read as the loader's own (``loader.batch_size``, ``loader.num_workers``, ...)."""
+        options = self.__dict__.get("options")
+        if options is None or name.startswith("_") or not hasattr(options, name):
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        return getattr(options, name)
+
 
 # ---------------------------------------------------------------------------------------------------------------------
 # SSL loader
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class SSLLoaderOptions:
+    """Everything an :class:`SSLLoader` needs besides its source (frozen and keyword-built: a misspelt or swapped
+    setting fails at once). :func:`make_ssl_loader` fills the defaults."""
+
+    batch_size: int
+    image_size: int
+    augment: AugmentConfig
+    num_workers: int
+    seed: int
+    rank: int
+    world_size: int
+    epoch_samples: int
+    shuffle_buffer: int
+    backend: str
+    device: torch.device
+    path: str                       #: "cpu" (workers augment) or "device" (the device decodes and augments)
+    out_dtype: torch.dtype
+    channels_last: bool
+    pin_memory: bool
+    prefetch_factor: int
+    multiprocessing_context: Any
+    max_decode_side: Optional[int]
+    prefetch_batches: int
+    prefetch_thread: bool
+    crop_chunks: int
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return self.epoch_samples // (self.world_size * self.batch_size)
+
+
 class SSLLoader(_LoaderBase):
     """Iterable of ``(view_a, view_b)`` tensors of shape (batch_size, 3, image_size, image_size) on ``device``.
 
     ``len(loader)`` is the number of batches per epoch on this rank (the same on every rank). Each ``iter()`` is one
-    epoch; the epoch number (which changes the shard order and the random streams) counts up by itself, or set it
-    with :meth:`set_epoch`, which can also start the epoch at a later batch (resume). ``augment`` is the
-    :class:`~smi_timm.data.augment.AugmentConfig` (its ``mean`` / ``std`` normalise the views); ``path`` is
+    epoch; the epoch number (which changes the unit order and the random streams) counts up by itself, or set it
+    with :meth:`set_epoch`, which can also start the epoch at a later batch (resume). The options
+    (:class:`SSLLoaderOptions`) read as attributes: ``loader.augment`` is the
+    :class:`~smi_timm.data.augment.AugmentConfig` (its ``mean`` / ``std`` normalise the views), ``loader.path`` is
     ``"cpu"`` or ``"device"``. Create it with :func:`make_ssl_loader`.
     """
 
-    def __init__(self, urls: List[str], batch_size: int, image_size: int, augment: AugmentConfig, num_workers: int,
-                 seed: int, rank: int, world_size: int, epoch_samples: int, shuffle_buffer: int, backend: str,
-                 device: torch.device, path: str, out_dtype: torch.dtype, channels_last: bool, pin_memory: bool,
-                 prefetch_factor: int, multiprocessing_context, max_decode_side: Optional[int],
-                 prefetch_batches: int, prefetch_thread: bool, crop_chunks: int, stats: DataStats):
-        self.urls = urls
-        self.batch_size = batch_size
-        self.image_size = image_size
-        self.augment = augment
-        self.num_workers = num_workers
-        self.seed = seed
-        self.rank = rank
-        self.world_size = world_size
-        self.epoch_samples = epoch_samples
-        self.shuffle_buffer = shuffle_buffer
-        self.backend = backend
-        self.device = device
-        self.path = path
-        self.out_dtype = out_dtype
-        self.channels_last = channels_last
-        self.pin_memory = pin_memory
-        self.prefetch_factor = prefetch_factor
-        self.multiprocessing_context = multiprocessing_context
-        self.max_decode_side = max_decode_side
-        self.prefetch_batches = prefetch_batches
-        self.prefetch_thread = prefetch_thread
-        self.crop_chunks = crop_chunks
-        self.batches_per_epoch = epoch_samples // (world_size * batch_size)
+    def __init__(self, source: Source, options: SSLLoaderOptions, stats: DataStats):
+        self.source = source
+        self.options = options
         self._init_base(stats)
         self._stage_stats = DataStats()  # written only by the device stage (its own thread on CUDA)
         self._next_epoch = 0
@@ -232,13 +241,13 @@ class SSLLoader(_LoaderBase):
         ``len(loader) - start_batch`` batches, exactly those an uninterrupted run of that epoch yields from there on.
         The consumed part is skipped at the sample level (its bytes are read and checked, not decoded or augmented).
         Exact for the same seed, rank, world size and ``num_workers``."""
-        if not 0 <= int(start_batch) <= self.batches_per_epoch:
-            raise DataError(f"start_batch must be in [0, {self.batches_per_epoch}], got {start_batch}")
+        if not 0 <= int(start_batch) <= self.options.batches_per_epoch:
+            raise DataError(f"start_batch must be in [0, {self.options.batches_per_epoch}], got {start_batch}")
         self._next_epoch = int(epoch)
         self._next_start = int(start_batch)
 
     def __len__(self) -> int:
-        return self.batches_per_epoch
+        return self.options.batches_per_epoch
 
     def __iter__(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
         epoch, start = self._next_epoch, self._next_start
@@ -246,30 +255,36 @@ class SSLLoader(_LoaderBase):
         return self._track(self._run(epoch, start))
 
     def _stage(self, epoch: int):
-        if self.path == "device":
+        o = self.options
+        if o.path == "device":
             if self._pipeline is None:
-                self._pipeline = DeviceTwoView(self.augment, self.image_size, self.device, self.out_dtype,
-                                               self.channels_last, self.crop_chunks)
-            seed, rank = self.seed, self.rank
+                self._pipeline = DeviceTwoView(o.augment, o.image_size, o.device, o.out_dtype, o.channels_last,
+                                               o.crop_chunks)
+            seed, rank = o.seed, o.rank
             return DeviceStage(self._pipeline, lambda k: batch_seed(seed, epoch, rank, k), self._stage_stats)
         if self._finish is None:
-            self._finish = FinishUint8(self.augment, self.device, self.out_dtype, self.channels_last)
+            self._finish = FinishUint8(o.augment, o.device, o.out_dtype, o.channels_last)
         finish = self._finish
-        return lambda item: finish(item["views"])
+        return lambda item: finish(item.views)
+
+    def _stream(self, epoch: int, start: int) -> SSLStream:
+        o = self.options
+        return SSLStream(self.source, StreamOptions(
+            batch_size=o.batch_size, batches=o.batches_per_epoch, augment=o.augment, image_size=o.image_size,
+            seed=o.seed, rank=o.rank, world_size=o.world_size, shuffle_buffer=o.shuffle_buffer,
+            mode="raw" if o.path == "device" else "augment", backend=o.backend, max_side=o.max_decode_side),
+            epoch, start)
 
     def _run(self, epoch: int, start: int):
-        if start >= self.batches_per_epoch:
+        o = self.options
+        if start >= o.batches_per_epoch:
             return
-        mode = "raw" if self.path == "device" else "augment"
-        dataset = SSLStream(self.urls, self.batch_size, self.batches_per_epoch, self.augment, self.image_size,
-                            self.seed, self.rank, self.world_size, self.shuffle_buffer, epoch, start, mode,
-                            self.backend, self.max_decode_side)
-        pool = WorkerPool(dataset, self.num_workers, self.pin_memory, self.prefetch_factor,
-                          self.multiprocessing_context)
+        pool = WorkerPool(self._stream(epoch, start), o.num_workers, o.pin_memory, o.prefetch_factor,
+                          o.multiprocessing_context)
         feeder = None
         try:
-            feeder = Prefetcher(pool, self._stage(epoch), self.device, self.prefetch_batches, self.prefetch_thread,
-                                on_item=lambda item: self._stats.update(item["stats"]))
+            feeder = Prefetcher(pool, self._stage(epoch), o.device, o.prefetch_batches, o.prefetch_thread,
+                                on_item=lambda item: self._stats.update(item.stats))
             yield from feeder
         finally:
             if feeder is not None:
@@ -277,26 +292,52 @@ class SSLLoader(_LoaderBase):
             pool.close()
 
     def __repr__(self) -> str:
-        return (f"SSLLoader(shards={len(self.urls)}, batch_size={self.batch_size}, image_size={self.image_size}, "
-                f"augment={self.augment.name!r}, batches_per_epoch={self.batches_per_epoch}, rank={self.rank}/"
-                f"{self.world_size}, num_workers={self.num_workers}, path={self.path!r}, device={str(self.device)!r})")
+        o = self.options
+        return (f"SSLLoader(units={len(self.source.units)}, kind={self.source.kind!r}, batch_size={o.batch_size}, "
+                f"image_size={o.image_size}, augment={o.augment.name!r}, batches_per_epoch={o.batches_per_epoch}, "
+                f"rank={o.rank}/{o.world_size}, num_workers={o.num_workers}, path={o.path!r}, "
+                f"device={str(o.device)!r})")
 
 
-def _epoch_samples(shards: List[str], epoch_samples: Optional[int], batch_size: int, world_size: int) -> int:
+def _epoch_samples(source: Source, epoch_samples: Optional[int], batch_size: int, world_size: int,
+                   run_batches: Optional[int]) -> int:
+    """Samples per epoch over all ranks: ``epoch_samples`` when given, else the source's size, else (a stream of
+    unknown length) ``run_batches`` batches per rank."""
     if epoch_samples is None:
-        counts, _, _ = index_info(shards)
-        if counts is None:
-            raise DataError(
-                "epoch length unknown: no JSON shard index (written by smi-make-shards) lists all of these shards; "
-                "give the samples per epoch over all ranks, e.g. the dataset size: --epoch-samples N on the command "
-                "line, epoch_samples=N in Python (smi_timm.data.count_samples(urls) counts them by reading the shards)"
-            )
-        epoch_samples = sum(counts.values())
+        epoch_samples = source.num_samples
+    if epoch_samples is None and run_batches:
+        epoch_samples = int(run_batches) * world_size * batch_size
+        log.info(f"the data's size is unknown ({source.how}): one epoch is the whole run, {run_batches} batches "
+                 f"per rank")
+    if epoch_samples is None:
+        raise DataError(
+            f"epoch length unknown: {source.how}; give the samples per epoch over all ranks, e.g. the dataset size "
+            f"(--epoch-samples N on the command line, epoch_samples=N in Python), or the run's length in steps "
+            f"(--max-steps N)")
     epoch_samples = int(epoch_samples)
     if epoch_samples // (world_size * batch_size) < 1:
         raise DataError(f"epoch of {epoch_samples} samples is shorter than one batch of {batch_size} per rank "
-                         f"on {world_size} rank(s)")
+                        f"on {world_size} rank(s): use a smaller --batch-size, or more data")
     return epoch_samples
+
+
+def _explain_epoch(source: Source, o: SSLLoaderOptions) -> None:
+    """Log (rank 0) what the loader reads, the epoch plan, and what an epoch leaves out or repeats."""
+    if o.rank != 0:
+        return
+    log.info(f"training data: {source.describe()}")
+    used = o.batches_per_epoch * o.batch_size * o.world_size
+    left = o.epoch_samples - used
+    log.info(f"epoch: {o.batches_per_epoch} batch(es) of {o.batch_size} per rank x {o.world_size} rank(s) = {used} "
+             f"of {o.epoch_samples} samples" + (f" ({left} left out of each epoch, a different {left} every epoch)"
+                                                if left > 0 else ""))
+    if source.counts is not None:
+        slots = o.world_size * max(1, o.num_workers)
+        share = source.num_samples / slots if len(source.units) >= slots else source.num_samples / o.world_size
+        if 0 < share < o.batch_size:
+            log.warning(f"each loader worker reads about {share:.0f} images per pass, fewer than a batch of "
+                        f"{o.batch_size}: its batches will hold an image twice; use fewer workers (--workers) or a "
+                        f"smaller batch")
 
 
 def _resolve_path(augment_on: str, device: torch.device, backend: str) -> str:
@@ -307,7 +348,7 @@ def _resolve_path(augment_on: str, device: torch.device, backend: str) -> str:
     if backend == "v2":
         if augment_on == "device":
             raise DataError("backend='v2' (per-sample torchvision transforms) runs in the CPU workers; "
-                             "use augment_on='cpu' or 'auto' with it")
+                            "use augment_on='cpu' or 'auto' with it")
         return "cpu"
     if augment_on == "auto":
         return "device" if device.type == "cuda" else "cpu"
@@ -315,7 +356,7 @@ def _resolve_path(augment_on: str, device: torch.device, backend: str) -> str:
 
 
 def make_ssl_loader(
-    urls: UrlSpec,
+    urls: DataSpec,
     batch_size: int,
     image_size: int,
     augment: Union[str, AugmentConfig] = "byol",
@@ -324,7 +365,7 @@ def make_ssl_loader(
     rank: Optional[int] = None,
     world_size: Optional[int] = None,
     epoch_samples: Optional[int] = None,
-    shuffle_buffer: int = 2000,
+    shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER,
     backend: str = "batched",
     device: Union[None, str, torch.device] = None,
     augment_on: str = "auto",
@@ -337,12 +378,15 @@ def make_ssl_loader(
     prefetch_batches: int = 2,
     prefetch_thread: Optional[bool] = None,
     crop_chunks: int = 4,
+    run_batches: Optional[int] = None,
 ) -> SSLLoader:
     """Loader of two augmented views per image for self-supervised pretraining.
 
     Args:
-        urls: shards: a path, brace pattern (``train-{000000..000009}.tar``), glob (``train-*.tar.gz``), ``pipe:``
-            URL, ``sample`` / ``sample:train`` / ``sample:test`` (the bundled CIFAR-10 sample), or a list of these.
+        urls: the data (:func:`smi_timm.data.sources.open_data`): shards (a path, brace pattern
+            ``train-{000000..000009}.tar``, glob ``train-*.tar.gz``, ``pipe:`` URL), a folder of shards or of images,
+            ``@list.txt`` (one shard or image per line), ``sample`` / ``sample:train`` / ``sample:test`` (the bundled
+            CIFAR-10 sample), or a list of these; or an already opened :class:`~smi_timm.data.sources.Source`.
         batch_size: samples per batch (per rank).
         image_size: output side length; any size works whatever the stored image size.
         augment: ``"byol"`` (= ``"barlow"``), ``"cifar"`` (32x32 data: crop scale (0.2, 1), no blur) or an
@@ -352,9 +396,11 @@ def make_ssl_loader(
         seed: base seed; shard order, shuffling and augmentation differ per (seed, epoch, rank, batch).
         rank, world_size: this process's place among data-parallel processes. Default: from an initialised
             ``torch.distributed`` process group, else 0 and 1. Pass them explicitly when you can.
-        epoch_samples: samples per epoch over all ranks. Default: the sum of the shard sizes from the JSON index next
-            to the shards (written by ``smi-make-shards``).
-        shuffle_buffer: size of the per-worker sample shuffle buffer (raw bytes are buffered, not decoded images).
+        epoch_samples: samples per epoch over all ranks. Default: the data's size (from the metadata next to the
+            shards, see :mod:`smi_timm.data.sources.shards`, or the number of image files).
+        shuffle_buffer: size of the per-worker sample shuffle buffer (raw bytes are buffered, not decoded images);
+            never more than a worker's share of one pass over known-size data, and emptied at the end of each pass,
+            so that it never holds two copies of a sample.
         backend: ``"batched"`` (default) or ``"v2"`` (per-sample ``torchvision.transforms.v2``, CPU path only: the
             reference implementation, ~3x slower).
         device: where batches are delivered (default: the CPU).
@@ -371,11 +417,13 @@ def make_ssl_loader(
         prefetch_batches: batches prepared ahead by the last (training-process) stage.
         prefetch_thread: run that stage in a background thread (default: when ``device`` is CUDA, on a side stream).
         crop_chunks: accelerator path: size-sorted chunks of the batched crop (more = less padding memory).
+        run_batches: data of unknown size (a ``pipe:`` stream without metadata) and no ``epoch_samples``: one epoch
+            is this many batches per rank (the training loop passes its ``--max-steps``).
 
     Raises:
-        ValueError: empty shard list, unknown preset, or an epoch shorter than one batch per rank; or no
-            ``epoch_samples`` and no index covering the shards.
-        FileNotFoundError: a glob that matches nothing, or only missing shard files.
+        DataError (a ``ValueError``): no data, unknown preset, an epoch shorter than one batch per rank, or an
+            unknown epoch length without ``epoch_samples`` / ``run_batches``.
+        NotFoundError (a ``FileNotFoundError``): a pattern that matches nothing, or only missing shard files.
     """
     if batch_size < 1 or image_size < 1:
         raise DataError(f"batch_size and image_size must be positive, got {batch_size}, {image_size}")
@@ -385,19 +433,26 @@ def make_ssl_loader(
     dev = torch.device(device) if device is not None else torch.device("cpu")
     path = _resolve_path(augment_on, dev, backend)
     rank, world_size = _dist_rank_world(rank, world_size)
+    if shuffle_buffer < 0:
+        raise DataError(f"shuffle_buffer must be >= 0 samples, got {shuffle_buffer}")
     stats = DataStats()
-    shards = _resolve_shards(urls, stats)
-    epoch_samples = _epoch_samples(shards, epoch_samples, batch_size, world_size)
+    source = urls if isinstance(urls, Source) else open_data(urls, stats)
+    epoch_samples = _epoch_samples(source, epoch_samples, batch_size, world_size, run_batches)
     if num_workers is None:
         num_workers = default_num_workers(world_size, path)
     if max_decode_side is None:
         max_decode_side = max(1024, 4 * int(image_size))
     cuda = dev.type == "cuda"
-    return SSLLoader(shards, batch_size, image_size, cfg, int(num_workers), int(seed), rank, world_size,
-                     epoch_samples, int(shuffle_buffer), backend, dev, path, out_dtype, bool(channels_last),
-                     cuda if pin_memory is None else bool(pin_memory), prefetch_factor, multiprocessing_context,
-                     int(max_decode_side) or None, int(prefetch_batches),
-                     cuda if prefetch_thread is None else bool(prefetch_thread), int(crop_chunks), stats)
+    options = SSLLoaderOptions(
+        batch_size=int(batch_size), image_size=int(image_size), augment=cfg, num_workers=int(num_workers),
+        seed=int(seed), rank=rank, world_size=world_size, epoch_samples=epoch_samples,
+        shuffle_buffer=int(shuffle_buffer), backend=backend, device=dev, path=path, out_dtype=out_dtype,
+        channels_last=bool(channels_last), pin_memory=cuda if pin_memory is None else bool(pin_memory),
+        prefetch_factor=prefetch_factor, multiprocessing_context=multiprocessing_context,
+        max_decode_side=int(max_decode_side) or None, prefetch_batches=int(prefetch_batches),
+        prefetch_thread=cuda if prefetch_thread is None else bool(prefetch_thread), crop_chunks=int(crop_chunks))
+    _explain_epoch(source, options)
+    return SSLLoader(source, options, stats)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -406,11 +461,18 @@ def make_ssl_loader(
 
 
 class _EvalStream(IterableDataset):
-    def __init__(self, urls: List[str], batch_size: int, transform: EvalTransform):
+    """The eval loader's samples: this rank's units, split between workers, read in order, each sample once."""
+
+    def __init__(self, source: Source, batch_size: int, transform: EvalTransform, label: LabelRule):
         super().__init__()
-        self.urls = urls
+        self.source = source
         self.batch_size = batch_size
         self.transform = transform
+        self.label = label
+
+    def _batch(self, images, labels, stats):
+        stats.add("samples", len(images))
+        return torch.stack(images), torch.tensor(labels, dtype=torch.long), stats.pop_delta()
 
     def __iter__(self):
         info = get_worker_info()
@@ -418,115 +480,71 @@ class _EvalStream(IterableDataset):
         stats = DataStats()
         images: List[torch.Tensor] = []
         labels: List[int] = []
-        for url in self.urls[worker::nworkers]:
-            for sample in iter_shard(url, stats):
+        for unit in self.source.units[worker::nworkers]:
+            for sample in self.source.read(unit, stats):
                 check_worker()
+                stats.add("read")
                 data = sample_image_bytes(sample, stats)
-                if data is None:
-                    continue
-                label = sample_label(sample, stats)
-                if label is None:
-                    continue
-                img = decode_image(data, stats)
+                label = None if data is None else sample_label(sample, stats, self.label)
+                img = None if label is None else decode_image(data, stats)
                 if img is None:
                     continue
                 with single_thread(info is None):
                     images.append(self.transform(img))
                 labels.append(label)
                 if len(images) == self.batch_size:
-                    stats.add("samples", len(images))
-                    yield torch.stack(images), torch.tensor(labels, dtype=torch.long), stats.pop_delta()
+                    yield self._batch(images, labels, stats)
                     images, labels = [], []
         if images:
-            stats.add("samples", len(images))
-            yield torch.stack(images), torch.tensor(labels, dtype=torch.long), stats.pop_delta()
+            yield self._batch(images, labels, stats)
         delta = stats.pop_delta()
         if delta:
             yield None, None, delta
 
 
-class _FolderDataset(Dataset):
-    """torchvision ImageFolder that decodes with :func:`decode_image` and reports counters per sample."""
+@dataclass(frozen=True)
+class EvalLoaderOptions:
+    """Everything an :class:`EvalLoader` needs besides its source (frozen, keyword-built)."""
 
-    def __init__(self, root: str, transform: EvalTransform, rank: int, world_size: int):
-        from torchvision.datasets import ImageFolder
-
-        self.folder = ImageFolder(root, loader=_read_bytes)
-        self.indices = list(range(rank, len(self.folder.samples), world_size))
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, i: int):
-        path, label = self.folder.samples[self.indices[i]]
-        stats = DataStats()
-        try:
-            data = _read_bytes(path)
-        except OSError:
-            data = b""
-        img = decode_image(data, stats)
-        if img is None:
-            return None, label, stats.pop_delta()
-        stats.add("samples")
-        return self.transform(img), label, stats.pop_delta()
-
-
-def _read_bytes(path: str) -> bytes:
-    with open(path, "rb") as f:
-        return f.read()
-
-
-def _collate_folder(items):
-    stats = DataStats()
-    images, labels = [], []
-    for img, label, delta in items:
-        stats.update(delta)
-        if img is not None:
-            images.append(img)
-            labels.append(label)
-    if not images:
-        return None, None, stats.pop_delta()
-    return torch.stack(images), torch.tensor(labels, dtype=torch.long), stats.pop_delta()
+    batch_size: int
+    image_size: int
+    num_workers: int
+    num_samples: Optional[int]       #: this rank's samples, when known
+    num_batches: Optional[int]
+    classes: Optional[List[str]]
+    label: LabelRule
+    pin_memory: bool
+    prefetch_factor: int
+    multiprocessing_context: Any
 
 
 class EvalLoader(_LoaderBase):
     """Iterable of ``(images, labels)``: float (B, 3, S, S) and int64 (B,). Reads every sample once, in order.
 
-    ``len(loader)`` is the number of batches when the sample counts are known (JSON index or ImageFolder); with
-    several workers each worker's last batch may be partial. ``num_samples`` and ``classes`` are ``None`` when
-    unknown. Create it with :func:`make_eval_loader`.
+    ``len(loader)`` is the number of batches when the sample counts are known (with several workers each worker's
+    last batch may be partial). ``num_samples`` and ``classes`` are ``None`` when unknown. Samples without a usable
+    label or image are counted (``stats()``: ``read``, ``samples`` used, ``missing_label``, ``bad_label``,
+    ``missing_image``, ``undecodable``); an iteration that finds no usable label at all raises, naming where it looked.
+    Create it with :func:`make_eval_loader`.
     """
 
-    def __init__(self, source: str, dataset, num_workers: int, batch_size: int, image_size: int,
-                 num_samples: Optional[int], num_batches: Optional[int], classes: Optional[List[str]],
-                 pin_memory: bool, prefetch_factor: int, multiprocessing_context, stats: DataStats):
+    def __init__(self, source: Source, dataset: _EvalStream, options: EvalLoaderOptions, stats: DataStats):
         self.source = source
         self.dataset = dataset
-        self.num_workers = num_workers
-        self.batch_size = batch_size
-        self.image_size = image_size
-        self.num_samples = num_samples
-        self.num_batches = num_batches
-        self.classes = classes
-        self.pin_memory = pin_memory
-        self.prefetch_factor = prefetch_factor
-        self.multiprocessing_context = multiprocessing_context
+        self.options = options
         self._init_base(stats)
 
     def __len__(self) -> int:
-        if self.num_batches is None:
-            raise UnknownLengthError("length unknown: no JSON shard index lists these shards")
-        return self.num_batches
+        if self.options.num_batches is None:
+            raise UnknownLengthError(f"length unknown: {self.source.how}")
+        return self.options.num_batches
 
     def __iter__(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
         return self._track(self._run())
 
     def _run(self):
-        kw = dict(batch_size=self.batch_size, shuffle=False, collate_fn=_collate_folder) \
-            if self.source == "folder" else {}
-        pool = WorkerPool(self.dataset, self.num_workers, self.pin_memory, self.prefetch_factor,
-                          self.multiprocessing_context, **kw)
+        o = self.options
+        pool = WorkerPool(self.dataset, o.num_workers, o.pin_memory, o.prefetch_factor, o.multiprocessing_context)
         labelled = 0
         try:
             for images, labels, delta in pool:
@@ -536,18 +554,38 @@ class EvalLoader(_LoaderBase):
                     yield images, labels
         finally:
             pool.close()
-        if labelled == 0 and self._stats["missing_label"] > 0:
-            raise DataError(f"evaluation needs labelled samples (an image and a 'cls' entry), but these shards have "
-                             f"no labels ({self._stats['missing_label']} samples without 'cls'); write labelled shards "
-                             f"from a folder with one sub-folder per class: smi-make-shards DIR OUT/val-%06d.tar")
+        if labelled == 0 and self._stats["missing_label"] + self._stats["bad_label"] > 0:
+            raise DataError(_no_label_message(self._stats, o.label))
 
     def __repr__(self) -> str:
-        return (f"EvalLoader(source={self.source!r}, num_samples={self.num_samples}, batch_size={self.batch_size}, "
-                f"image_size={self.image_size}, num_workers={self.num_workers})")
+        o = self.options
+        return (f"EvalLoader(kind={self.source.kind!r}, units={len(self.source.units)}, num_samples={o.num_samples}, "
+                f"batch_size={o.batch_size}, image_size={o.image_size}, num_workers={o.num_workers})")
+
+
+def _no_label_message(stats: DataStats, label: LabelRule) -> str:
+    missing, bad = stats["missing_label"], stats["bad_label"]
+    return (f"no usable label: the evaluation looked for {label.describe()} and found it missing in {missing} and "
+            f"not a class index in {bad} of the {stats['read']} samples read. Labels are read from 'cls' (an "
+            f"integer), from a field of the sample's 'json' (--label-key NAME), or as class names listed in a "
+            f"classes.txt next to the data (line i = class i); shards written by smi-make-shards from a folder with "
+            f"one sub-folder per class have them")
+
+
+def _label_rule(source: Source, label_key: Optional[str], classes_file: Optional[str]) -> LabelRule:
+    """Where labels are read: ``label_key`` (default ``cls``), class names from ``classes_file`` or the source."""
+    classes = tuple(source.classes) if source.classes else None
+    if classes_file is not None:
+        if not os.path.isfile(classes_file):
+            raise DataError(f"classes file {classes_file!r} does not exist (one class name per line, line i = "
+                            f"class i)")
+        with open(classes_file, "r", encoding="utf-8") as f:
+            classes = tuple(line.strip() for line in f if line.strip())
+    return LabelRule(label_key or "cls", classes)
 
 
 def make_eval_loader(
-    urls: Union[UrlSpec, os.PathLike],
+    urls: Union[DataSpec, Source],
     batch_size: int,
     image_size: int,
     num_workers: Optional[int] = None,
@@ -559,23 +597,28 @@ def make_eval_loader(
     pin_memory: bool = False,
     prefetch_factor: int = 2,
     multiprocessing_context=None,
+    label_key: Optional[str] = None,
+    classes_file: Optional[str] = None,
 ) -> EvalLoader:
     """Deterministic loader of labelled ``(images, labels)`` batches for kNN / linear evaluation.
 
     Args:
-        urls: labelled shards (``jpg`` + ``cls``; same forms as :func:`make_ssl_loader`, ``sample:test`` included) or
-            an ImageFolder directory.
+        urls: labelled data, in any form :func:`smi_timm.data.sources.open_data` takes (shards, ``sample:test``, a
+            folder with one sub-folder per class, ``@list.txt``), or an opened source.
         batch_size: samples per batch.
         image_size: output side length. Images are resized (shorter side to ``image_size / crop_pct``, bicubic,
             antialiased), centre-cropped and normalised.
-        num_workers: worker processes (default :func:`default_num_workers`); never more than there are shards.
+        num_workers: worker processes (default :func:`default_num_workers`); never more than there are units.
         crop_pct: centre-crop fraction; default 0.875 from 128 px up, 1.0 below (CIFAR-sized images).
-        rank, world_size: split the shards (or folder images) between processes; default: a single process sees all.
+        rank, world_size: split the units between processes; default: a single process sees all.
+        label_key: read labels from this field of each sample's ``json`` entry instead of ``cls``.
+        classes_file: class names, one per line (line i = class i), for labels given as names; default: the
+            source's (our shard index, a ``classes.txt`` next to the shards, or the class folders).
 
     Raises:
-        ValueError / FileNotFoundError: empty shard list, a pattern that matches nothing, only missing shards, an
-            ImageFolder without images, or shards whose index marks them unlabeled (also raised at the end of an
-            iteration that found no label at all).
+        DataError / NotFoundError: no data, a pattern that matches nothing, only missing shards, a folder without
+            images, or data whose index marks it unlabeled (also raised at the end of an iteration that found no
+            usable label, naming where it looked).
     """
     if batch_size < 1 or image_size < 1:
         raise DataError(f"batch_size and image_size must be positive, got {batch_size}, {image_size}")
@@ -584,29 +627,25 @@ def make_eval_loader(
     stats = DataStats()
     if num_workers is None:
         num_workers = default_num_workers(1)
-    if isinstance(urls, (str, os.PathLike)) and os.path.isdir(os.fspath(urls)):
-        ds = _FolderDataset(os.fspath(urls), transform, rank, world_size)
-        n = len(ds)
-        return EvalLoader("folder", ds, int(num_workers), batch_size, image_size, n, math.ceil(n / batch_size),
-                          list(ds.folder.classes), pin_memory, prefetch_factor, multiprocessing_context, stats)
-    shards = check_local_shards(expand_urls(urls), stats)
-    counts, classes, unlabeled = index_info(shards)
-    if unlabeled:
+    source = urls if isinstance(urls, Source) else open_data(urls, stats)
+    if source.labeled is False:
         raise DataError(
-            f"{len(unlabeled)} of the {len(shards)} shard(s) are unlabeled (their index says \"labeled\": false, e.g. "
-            f"{unlabeled[0]!r}): evaluation needs labels; use them for pretraining (smi-pretrain), and evaluate on "
-            f"labelled shards, written from a folder with one sub-folder per class: "
-            f"smi-make-shards DIR OUT/val-%06d.tar"
-        )
-    mine = shards[rank::world_size]
-    if not mine:
-        warnings.warn(f"rank {rank} of {world_size} gets none of the {len(shards)} shard(s)", stacklevel=2)
-    nworkers = min(int(num_workers), len(mine))
+            f"the evaluation data is unlabeled ({source.how}): evaluation needs labels; use it for pretraining "
+            f"(smi-pretrain), and evaluate on labelled data: a folder with one sub-folder per class, or shards "
+            f"written from one (smi-make-shards DIR OUT/val-%06d.tar)")
+    mine = source.subset(source.units[rank::world_size])
+    if not mine.units:
+        warnings.warn(f"rank {rank} of {world_size} gets none of the {len(source.units)} unit(s)", stacklevel=2)
+    nworkers = min(int(num_workers), len(mine.units))
     num_samples = num_batches = None
-    if counts is not None:
-        num_samples = sum(counts[u] for u in mine)
-        groups = [mine[w::max(1, nworkers)] for w in range(max(1, nworkers))]
-        num_batches = sum(math.ceil(sum(counts[u] for u in g) / batch_size) for g in groups)
-    ds = _EvalStream(mine, batch_size, transform)
-    return EvalLoader("shards", ds, nworkers, batch_size, image_size, num_samples, num_batches, classes, pin_memory,
-                      prefetch_factor, multiprocessing_context, stats)
+    if mine.counts is not None:
+        num_samples = mine.num_samples
+        groups = [mine.counts[w::max(1, nworkers)] for w in range(max(1, nworkers))]
+        num_batches = sum(math.ceil(sum(g) / batch_size) for g in groups)
+    label = _label_rule(source, label_key, classes_file)
+    options = EvalLoaderOptions(batch_size=int(batch_size), image_size=int(image_size), num_workers=nworkers,
+                                num_samples=num_samples, num_batches=num_batches,
+                                classes=list(source.classes) if source.classes else None, label=label,
+                                pin_memory=pin_memory, prefetch_factor=prefetch_factor,
+                                multiprocessing_context=multiprocessing_context)
+    return EvalLoader(source, _EvalStream(mine, batch_size, transform, label), options, stats)

@@ -14,6 +14,7 @@ import struct
 import tarfile
 import warnings
 import zlib
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Dict, Iterable, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
 from urllib.parse import urlparse
 
@@ -27,12 +28,12 @@ if TYPE_CHECKING:  # torch and numpy are imported where needed, so the shard wri
 UrlSpec = Union[str, os.PathLike, Sequence[Union[str, os.PathLike]]]
 
 #: Sample entries tried, in order, for the image and the label.
-IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "bmp", "ppm", "tif", "tiff", "img", "image")
+IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "bmp", "ppm", "pgm", "pbm", "tif", "tiff", "gif", "img", "image")
 LABEL_KEYS = ("cls", "cls.txt", "label", "label.txt")
 SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 INDEX_FORMAT = "smi-timm-shard-index/1"
 
-_GLOB_CHARS = re.compile(r"[*?\[]")
+GLOB_CHARS = re.compile(r"[*?\[]")
 _KEY_RE = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")  # key = path up to the first dot of the basename
 
 
@@ -41,19 +42,19 @@ _KEY_RE = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")  # key = path up to the fir
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def _is_local(url: str) -> bool:
+def is_local(url: str) -> bool:
     scheme = urlparse(url).scheme
     return scheme in ("", "file") or (len(scheme) == 1 and os.name == "nt")  # drive letters on Windows
 
 
-def _local_path(url: str) -> str:
+def local_path(url: str) -> str:
     return urlparse(url).path if url.startswith("file:") else url
 
 
 _BRACE = re.compile(r"\{([^{}]*)\}")
 
 
-def _braceexpand(pattern: str) -> List[str]:
+def braceexpand(pattern: str) -> List[str]:
     """Expand ``{a,b}`` alternatives and ``{000..009}`` ranges (the ``braceexpand`` package when installed; else
     the same rules for non-nested braces, enough for shard patterns)."""
     try:
@@ -77,14 +78,14 @@ def _braceexpand(pattern: str) -> List[str]:
     else:
         options = ["{" + body + "}"]
     head, tail = pattern[:m.start()], pattern[m.end():]
-    return [head + o + rest for o in options for rest in _braceexpand(tail)]
+    return [head + o + rest for o in options for rest in braceexpand(tail)]
 
 
 #: Data specs that name the CIFAR-10 sample bundled with the package (``sample`` = ``sample:train``).
 SAMPLE_SPECS = ("sample", "sample:train", "sample:test")
 
 
-def _sample_spec(part: str) -> Optional[List[str]]:
+def sample_spec(part: str) -> Optional[List[str]]:
     """The bundled sample's shard paths when ``part`` is ``sample`` or ``sample:<split>``, else ``None``."""
     if part != "sample" and not part.startswith("sample:"):
         return None
@@ -116,18 +117,18 @@ def expand_urls(urls: UrlSpec) -> List[str]:
             part = part.strip()
             if not part:
                 continue
-            bundled = _sample_spec(part)
+            bundled = sample_spec(part)
             if bundled is not None:
                 out.extend(bundled)
                 continue
-            for url in _braceexpand(part):
-                if _is_local(url) and _GLOB_CHARS.search(_local_path(url)):
-                    matches = sorted(glob.glob(os.path.expanduser(_local_path(url))))
+            for url in braceexpand(part):
+                if is_local(url) and GLOB_CHARS.search(local_path(url)):
+                    matches = sorted(glob.glob(os.path.expanduser(local_path(url))))
                     if not matches:
                         raise NotFoundError(f"shard pattern {url!r} matched no files")
                     out.extend(matches)
                 else:
-                    out.append(os.path.expanduser(url) if _is_local(url) else url)
+                    out.append(os.path.expanduser(url) if is_local(url) else url)
     if not out:
         raise DataError(f"no shards given: {urls!r} expands to an empty list")
     return out
@@ -141,7 +142,7 @@ def check_local_shards(urls: Sequence[str], stats: Optional[DataStats] = None) -
     """
     keep, missing = [], []
     for url in urls:
-        if _is_local(url) and not os.path.isfile(_local_path(url)):
+        if is_local(url) and not os.path.isfile(local_path(url)):
             missing.append(url)
         else:
             keep.append(url)
@@ -207,10 +208,10 @@ def index_info(urls: Sequence[str]) -> Tuple[Optional[Dict[str, int]], Optional[
     counts: Optional[Dict[str, int]] = {}
     unlabeled: List[str] = []
     for url in urls:
-        if not _is_local(url):
+        if not is_local(url):
             counts = None
             continue
-        path = _local_path(url)
+        path = local_path(url)
         d = os.path.dirname(os.path.abspath(path))
         if d not in by_dir:
             by_dir[d] = _dir_index(d)
@@ -242,8 +243,8 @@ def count_samples(urls: UrlSpec) -> Dict[str, int]:
 
 
 def _open(url: str):
-    if _is_local(url):
-        return open(_local_path(url), "rb", buffering=1 << 16)
+    if is_local(url):
+        return open(local_path(url), "rb", buffering=1 << 16)
     from webdataset.gopen import gopen
 
     return gopen(url, "rb")
@@ -280,7 +281,7 @@ class TarFormatError(DataError):
     """A tar header is damaged (bad checksum or number field)."""
 
 
-def _decompressed(stream):
+def decompressed(stream):
     """Wrap ``stream`` in a decompressor chosen by its magic bytes (gzip, bzip2, xz); plain tar is returned as is."""
     if not hasattr(stream, "peek"):
         stream = io.BufferedReader(stream if hasattr(stream, "readinto") else _ReadAdapter(stream), 1 << 16)
@@ -348,8 +349,23 @@ def _pax_path(data: bytes) -> Optional[str]:
     return path
 
 
-def iter_tar_members(f) -> Iterator[Tuple[str, bytes]]:
-    """Yield ``(name, data)`` of the regular files of an uncompressed tar stream (ustar, GNU and pax headers).
+def sample_key(name: str) -> Tuple[Optional[str], Optional[str]]:
+    """``(key, extension)`` of a member name as webdataset groups them: the key is the path up to the first dot of
+    the basename, the extension the rest (lower case); ``(None, None)`` for names without one and for metadata
+    members (``__key__``-style basenames)."""
+    m = _KEY_RE.match(name)
+    if m is None:
+        return None, None
+    key, ext = m.group(1), m.group(2).lower()
+    base = key.rsplit("/", 1)[-1]
+    if base.startswith("__") and base.endswith("__"):
+        return None, None
+    return key, ext
+
+
+def iter_tar_members(f, skip_data: bool = False) -> Iterator[Tuple[str, Union[bytes, int]]]:
+    """Yield ``(name, data)`` of the regular files of an uncompressed tar stream (ustar, GNU and pax headers); with
+    ``skip_data``, ``(name, size)``, seeking over the data (``f`` must then be seekable).
 
     A lean replacement for ``tarfile``'s stream mode (several times faster on small members). Raises
     ``EOFError`` on truncation and :class:`TarFormatError` on a damaged header.
@@ -383,6 +399,10 @@ def iter_tar_members(f) -> Iterator[Tuple[str, bytes]]:
                     if prefix:
                         name = prefix + b"/" + name
                 name = name.decode("utf-8", "surrogateescape")
+            if skip_data:
+                f.seek(padded, 1)
+                yield name, size
+                continue
             data = _read_exact(f, size)
             if padded > size:
                 _read_exact(f, padded - size)
@@ -420,14 +440,10 @@ def iter_shard(url: str, stats: DataStats) -> Iterator[Dict[str, bytes]]:
     current: Optional[Dict[str, bytes]] = None
     stream = raw
     try:
-        stream = _decompressed(raw)
+        stream = decompressed(raw)
         for name, data in iter_tar_members(stream):
-            m = _KEY_RE.match(name)
-            if m is None:
-                continue
-            key, ext = m.group(1), m.group(2).lower()
-            base = key.rsplit("/", 1)[-1]
-            if base.startswith("__") and base.endswith("__"):
+            key, ext = sample_key(name)
+            if key is None:
                 continue
             if current is None or current["__key__"] != key:
                 if current is not None:
@@ -461,17 +477,62 @@ def sample_image_bytes(sample: Dict[str, bytes], stats: DataStats) -> Optional[b
     return data
 
 
-def sample_label(sample: Dict[str, bytes], stats: DataStats) -> Optional[int]:
-    """Integer label of a sample (``cls`` as ASCII text), or ``None`` (counted) when missing or malformed."""
-    data = _first(sample, LABEL_KEYS)
-    if data is None:
-        stats.add("missing_label")
+@dataclass(frozen=True)
+class LabelRule:
+    """Where a sample's label is: its ``cls`` entry (integer text, or a class name of ``classes``), or, with another
+    ``key``, that field of its ``json`` entry (an integer, or a class name of ``classes``; ``a.b`` for a nested
+    field)."""
+
+    key: str = "cls"
+    classes: Optional[Tuple[str, ...]] = None
+
+    def describe(self) -> str:
+        where = "the 'cls' entry" if self.key == "cls" else f"the field {self.key!r} of the 'json' entry"
+        return where + (f" (class names: {len(self.classes)} in classes.txt)" if self.classes else "")
+
+
+def _json_field(sample: Dict[str, bytes], key: str):
+    raw = sample.get("json")
+    if raw is None:
         return None
     try:
-        return int(data.decode("ascii").strip())
-    except (UnicodeDecodeError, ValueError):
-        stats.add("bad_label")
+        value = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
         return None
+    for part in key.split("."):
+        if not isinstance(value, dict) or part not in value:
+            return None
+        value = value[part]
+    return value
+
+
+def sample_label(sample: Dict[str, bytes], stats: DataStats, rule: Optional[LabelRule] = None) -> Optional[int]:
+    """Integer label of a sample by ``rule`` (default: ``cls`` as ASCII text), or ``None``, counted as
+    ``missing_label`` (no such entry) or ``bad_label`` (not an integer >= 0 and not one of the class names)."""
+    rule = rule or _DEFAULT_RULE
+    if rule.key == "cls":
+        data = _first(sample, LABEL_KEYS)
+        try:
+            value = None if data is None else data.decode("utf-8").strip()
+        except UnicodeDecodeError:
+            stats.add("bad_label")
+            return None
+    else:
+        value = _json_field(sample, rule.key)
+    if value is None:
+        stats.add("missing_label")
+        return None
+    if isinstance(value, bool):
+        value = None
+    elif (isinstance(value, int) and value >= 0) or (isinstance(value, str) and value.isdigit()):
+        return int(value)
+    elif isinstance(value, str) and rule.classes and value in rule.classes:
+        return rule.classes.index(value)
+    stats.add("bad_label")
+    return None
+
+
+_DEFAULT_RULE = LabelRule()
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ from typing import Iterable, List, Optional, Sequence, Tuple, Union
 
 from ..errors import DataError, NotFoundError
 from .reading import INDEX_FORMAT, SHARD_SUFFIXES
+from .sources.folder import list_image_folder
 
 PathLike = Union[str, os.PathLike]
 
@@ -175,26 +176,20 @@ class _Source:
     labeled: bool = True
 
 
-def _walk(root: Path) -> List[str]:
-    """Every non-hidden file under ``root``, recursively, in sorted order."""
-    out = []
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        out.extend(os.path.join(dirpath, fn) for fn in sorted(filenames) if not fn.startswith("."))
-    return out
-
-
 def _list_folder(root: Path, unlabeled: Optional[bool] = None) -> _Source:
-    """ImageFolder layout (``ROOT/<class>/...``), or unlabeled images: with ``unlabeled=True`` every file under
-    ``ROOT``; with ``None``, when ``ROOT`` has no sub-folders (its files then)."""
-    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
-    if unlabeled or (unlabeled is None and not classes):
-        return _Source([(p, -1) for p in _walk(root)], None, 0, [], labeled=False)
-    if not classes:
-        raise DataError(f"{root}: no class sub-folders (expected ROOT/<class>/<image> with --labeled; "
-                         f"without it, a folder of images is written as unlabeled shards)")
-    items = [(p, idx) for idx, name in enumerate(classes) for p in _walk(root / name)]
-    return _Source(items, classes, len(classes), [])
+    """ImageFolder layout (``ROOT/<class>/...``), or unlabeled images (:func:`~smi_timm.data.sources.folder.
+    list_image_folder`, the listing the loaders read through). Images directly in ``ROOT`` next to class folders
+    are refused (their class is unknown) unless ``unlabeled``; files that are not images are listed as skipped."""
+    listing = list_image_folder(root, unlabeled)
+    skipped = [(path, "not an image (by its extension)") for path, _ in listing.ignored_files]
+    if listing.loose:
+        raise DataError(f"{root} holds {len(listing.loose)} image(s) directly in it (e.g. "
+                        f"{os.path.basename(listing.loose[0])!r}) next to {len(listing.classes)} class folder(s): "
+                        f"their class is unknown. Move them into a class folder, or pass --unlabeled to write every "
+                        f"image under {root} without labels")
+    if listing.classes is None:
+        return _Source(list(listing.items), None, 0, skipped, labeled=False)
+    return _Source(list(listing.items), listing.classes, len(listing.classes), skipped)
 
 
 def _list_source(src: Path, unlabeled: Optional[bool]) -> _Source:

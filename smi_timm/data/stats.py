@@ -24,8 +24,8 @@ CONVERT_KINDS = (
     "converted_other",  # palette or other modes
     "non_jpeg",  # PNG, WebP, BMP, ... decoded with PIL (counted in addition to a mode conversion)
 )
-#: Information: how much was read.
-INFO_KINDS = ("shards", "samples")
+#: Information: how much was read (``read``: samples the eval loader read; ``samples``: samples used).
+INFO_KINDS = ("shards", "read", "samples")
 
 KINDS = SKIP_KINDS + CONVERT_KINDS + INFO_KINDS
 

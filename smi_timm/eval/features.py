@@ -176,14 +176,17 @@ def data_label(data: Any) -> str:
 
 def eval_loader(data: Any, *, batch_size: int, image_size: int, workers: Optional[int] = None,
                 mean: Optional[Sequence[float]] = None, std: Optional[Sequence[float]] = None,
-                crop_pct: Optional[float] = None) -> Iterable:
+                crop_pct: Optional[float] = None, label_key: Optional[str] = None,
+                classes_file: Optional[str] = None) -> Iterable:
     """The deterministic eval loader (:func:`smi_timm.data.make_eval_loader`) of a data spec; any other iterable of
-    ``(images, labels)`` batches is returned as it is. ``mean``/``std``/``crop_pct`` None: the loader's defaults."""
+    ``(images, labels)`` batches is returned as it is. ``mean``/``std``/``crop_pct`` None: the loader's defaults;
+    ``label_key`` / ``classes_file``: where labels are read (``cls`` by default)."""
     if not is_data_spec(data):
         return data
     norm = {k: tuple(float(x) for x in v) for k, v in (("mean", mean), ("std", std)) if v is not None}
     return make_eval_loader(loader_urls(data), batch_size=batch_size, image_size=image_size, num_workers=workers,
-                            crop_pct=None if crop_pct is None else float(crop_pct), **norm)
+                            crop_pct=None if crop_pct is None else float(crop_pct), label_key=label_key,
+                            classes_file=classes_file, **norm)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -203,6 +206,8 @@ class FeaturePair:
     #: the bank holds the features of the flipped training images too (after all the originals): the probe uses
     #: them all, kNN only the originals (:meth:`unflipped`)
     flipped: bool = False
+    #: the loaders' counters per split (``read``, ``samples`` used, and what was dropped and why); empty when cached
+    data: Dict[str, Dict[str, int]] = field(default_factory=dict)
 
     def tensors(self) -> Features:
         return self.bank, self.bank_labels, self.query, self.query_labels
@@ -213,7 +218,7 @@ class FeaturePair:
             return self
         n = self.bank.shape[0] // 2
         return FeaturePair(self.bank[:n], self.bank_labels[:n], self.query, self.query_labels, self.cached,
-                           dict(self.times))
+                           dict(self.times), data=self.data)
 
     @property
     def num_classes(self) -> int:
@@ -226,25 +231,30 @@ def extract_pair(model: nn.Module, bank: Any, query: Any, *, image_size: int, ba
                  device: Optional[Union[str, torch.device]] = None, amp: Union[None, str, torch.dtype] = None,
                  flip: bool = False, max_batches: Optional[int] = None, progress: bool = False,
                  cache_key: Optional[str] = None, cache_dir: Optional[Union[str, os.PathLike]] = None,
-                 metadata: Optional[Dict[str, str]] = None) -> FeaturePair:
+                 metadata: Optional[Dict[str, str]] = None, label_key: Optional[str] = None,
+                 classes_file: Optional[str] = None) -> FeaturePair:
     """Features of ``bank`` and ``query`` (data specs or iterables of batches; see :func:`eval_loader`).
 
     ``flip`` adds the flipped bank images' features (linear-probe training); ``max_batches`` caps each split. With a
-    ``cache_key`` and a ``cache_dir`` the pair is looked up in (and saved to) the on-disk cache.
+    ``cache_key`` and a ``cache_dir`` the pair is looked up in (and saved to) the on-disk cache. The loaders'
+    counters (samples read, used, and dropped by reason) are in ``pair.data``.
     """
     if cache_key is not None and cache_dir is not None:
         hit = load_cached_features(cache_key, cache_dir)
         if hit is not None:
             return FeaturePair(*hit, cached=True, times={"extract_train_s": 0.0, "extract_test_s": 0.0}, flipped=flip)
-    opts = dict(batch_size=batch_size, image_size=image_size, workers=workers, mean=mean, std=std, crop_pct=crop_pct)
+    opts = dict(batch_size=batch_size, image_size=image_size, workers=workers, mean=mean, std=std, crop_pct=crop_pct,
+                label_key=label_key, classes_file=classes_file)
     run = dict(device=device, amp_dtype=amp, max_batches=max_batches, progress=progress)
     t0 = time.perf_counter()
-    bank_feats, bank_labels = extract_features(model, eval_loader(bank, **opts), flip=flip, desc="train features",
-                                               **run)
+    bank_loader, query_loader = eval_loader(bank, **opts), eval_loader(query, **opts)
+    bank_feats, bank_labels = extract_features(model, bank_loader, flip=flip, desc="train features", **run)
     t1 = time.perf_counter()
-    query_feats, query_labels = extract_features(model, eval_loader(query, **opts), desc="test features", **run)
+    query_feats, query_labels = extract_features(model, query_loader, desc="test features", **run)
     pair = FeaturePair(bank_feats, bank_labels, query_feats, query_labels,
-                       times={"extract_train_s": t1 - t0, "extract_test_s": time.perf_counter() - t1}, flipped=flip)
+                       times={"extract_train_s": t1 - t0, "extract_test_s": time.perf_counter() - t1}, flipped=flip,
+                       data={name: loader.stats() for name, loader in (("train", bank_loader), ("test", query_loader))
+                             if hasattr(loader, "stats")})
     if cache_key is not None and cache_dir is not None:
         save_cached_features(cache_key, pair.tensors(), cache_dir, metadata=metadata)
     return pair

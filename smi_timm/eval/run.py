@@ -36,7 +36,20 @@ from .knn import knn_classify_multi
 from .linear import train_linear_probe
 from .settings import EvalSettings
 
-__all__ = ["Evaluation", "run_knn", "run_linear", "evaluate", "SourceLike"]
+__all__ = ["Evaluation", "run_knn", "run_linear", "evaluate", "data_summary", "SourceLike"]
+
+#: the counters that mean "a sample was read but not evaluated"
+DROP_KINDS = ("missing_label", "bad_label", "missing_image", "undecodable")
+
+
+def data_summary(stats: Dict[str, int]) -> Dict[str, Any]:
+    """``{"read", "evaluated", "dropped": {reason: n}, ...}`` of an eval loader's counters."""
+    dropped = {k: int(stats.get(k, 0)) for k in DROP_KINDS if stats.get(k)}
+    out = {"read": int(stats.get("read", 0)), "evaluated": int(stats.get("samples", 0)), "dropped": dropped}
+    for k in ("missing_shard", "bad_shard"):
+        if stats.get(k):
+            out[k] = int(stats[k])
+    return out
 
 log = logging.getLogger(__name__)
 
@@ -87,12 +100,14 @@ class Evaluation:
         key = feature_cache_key(weights=info["weights_sha256"] or info["weights"], model=info["model"],
                                 cifar_stem=info["cifar_stem"], train=data_list(train), test=data_list(test),
                                 image_size=info["image_size"], flip=flip, amp=s.amp, max_batches=s.max_batches,
-                                mean=info.get("mean"), std=info.get("std"), crop_pct=info.get("crop_pct"))
+                                mean=info.get("mean"), std=info.get("std"), crop_pct=info.get("crop_pct"),
+                                labels=(s.label_key, s.classes_file))
         pair = extract_pair(self.resolved.backbone, train, test, image_size=info["image_size"],
                             batch_size=s.batch_size, workers=s.workers, mean=info["mean"], std=info["std"],
                             crop_pct=info["crop_pct"], device=self.device, amp=s.amp, flip=flip,
                             max_batches=s.max_batches, progress=s.progress, cache_key=key, cache_dir=s.cache_dir,
-                            metadata={"model": str(info["model"]), "weights": str(info["weights"])})
+                            metadata={"model": str(info["model"]), "weights": str(info["weights"])},
+                            label_key=s.label_key, classes_file=s.classes_file)
         log.debug("features of %s at %d px: bank %s, queries %s (cached: %s)", info["weights"], info["image_size"],
                   tuple(pair.bank.shape), tuple(pair.query.shape), pair.cached)
         return pair, info
@@ -135,6 +150,7 @@ def _base_result(task: str, info: Dict[str, Any], train: DataSpec, test: DataSpe
         "train": data_list(train), "test": data_list(test), "train_label": data_label(train),
         "test_label": data_label(test), "num_train": int(pair.bank.shape[0] // (2 if pair.flipped else 1)),
         "num_test": int(pair.query.shape[0]), "num_classes": pair.num_classes, "features_cached": pair.cached,
+        "data": {split: data_summary(stats) for split, stats in pair.data.items()},
         "device": str(device), "amp": amp,
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "versions": {"smi_timm": __version__, "torch": torch.__version__, "timm": timm.__version__,

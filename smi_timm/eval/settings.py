@@ -38,6 +38,8 @@ class EvalSettings:
     probe_wd: float = 1e-4                #: linear-probe weight decay
     probe_batch_size: int = 256           #: linear-probe mini-batch
     flip: bool = False                    #: add the features of flipped training images to the probe
+    label_key: Optional[str] = None       #: labels from this field of each sample's ``json`` (default: ``cls``)
+    classes_file: Optional[str] = None    #: class names, one per line, for labels given as names
 
     def __post_init__(self):
         if self.image_size is not None and self.image_size < 1:

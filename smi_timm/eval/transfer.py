@@ -72,7 +72,7 @@ def run_transfer(source: SourceLike, train: DataSpec, test: DataSpec, settings: 
                   train_label=data_label(train), test_label=data_label(test), ks=list(s.ks), T=float(s.T),
                   probe=dict(epochs=s.probe_epochs, lr=s.probe_lr, wd=s.probe_wd, batch_size=s.probe_batch_size,
                              flip=s.flip), evals=evals, date=first["date"], versions=first["versions"],
-                  device=first["device"])
+                  device=first["device"], data=first.get("data", {}))
     result["table_rows"] = transfer_rows(result)
     result["seconds"] = round(time.perf_counter() - t0, 1)
     return result

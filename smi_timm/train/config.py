@@ -17,6 +17,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
+from ..data.loaders import DEFAULT_SHUFFLE_BUFFER
 from ..errors import ConfigError
 from ..losses import LOSSES, LossEntry
 
@@ -52,9 +53,14 @@ class TrainConfig:
                               "so that batch statistics span the global batch (Barlow Twins' recipe; the R50 and "
                               "ViT recipes turn it on)")
     # data
-    data: List[str] = _f(None, "training shards: brace pattern, glob, list or 'sample' for the bundled CIFAR-10 "
-                               "sample", nargs="+")
-    epoch_samples: Optional[int] = _f(None, "samples per epoch (default: from the shards' JSON index)")
+    data: List[str] = _f(None, "training data: shards (brace pattern, glob, pipe: URL), a folder of shards or of "
+                               "images, @list.txt (one shard or image per line), or 'sample' for the bundled "
+                               "CIFAR-10 sample", nargs="+")
+    epoch_samples: Optional[int] = _f(None, "samples per epoch (default: the data's size, from the metadata next to "
+                                            "the shards, the tar headers, or the image files; with data of unknown "
+                                            "size and --max-steps, the whole run is one epoch)")
+    shuffle_buffer: int = _f(DEFAULT_SHUFFLE_BUFFER, "samples in each loader worker's shuffle buffer (never more than "
+                                                     "its share of the data: no sample is in it twice)")
     image_size: int = _f(224, "training crop size in pixels")
     augment: str = _f("byol", "two-view augmentation preset: byol, barlow or cifar")
     batch_size: int = _f(256, "batch size per process (the global batch is this × processes × grad-accum)")

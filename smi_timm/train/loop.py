@@ -31,6 +31,7 @@ import torch
 
 from ..curves import plot_curves, read_metrics
 from ..data import make_ssl_loader
+from ..data.stats import SKIP_KINDS
 from ..errors import ConfigError, DataStallError, TrainingError
 from ..eval.knn import knn_evaluate
 from ..export import export_backbone
@@ -273,6 +274,8 @@ def _make_loader(cfg: TrainConfig, accelerator, channels_last: bool):
     return make_ssl_loader(cfg.data, batch_size=cfg.batch_size, image_size=cfg.image_size, augment=cfg.augment,
                            num_workers=cfg.workers, seed=cfg.seed, rank=accelerator.process_index,
                            world_size=accelerator.num_processes, epoch_samples=cfg.epoch_samples,
+                           shuffle_buffer=cfg.shuffle_buffer,
+                           run_batches=cfg.max_steps * cfg.grad_accum if cfg.max_steps else None,
                            device=accelerator.device, augment_on=cfg.augment_device, channels_last=channels_last,
                            out_dtype=_embedding_dtype(accelerator.mixed_precision))
 
@@ -543,7 +546,7 @@ def _log(run: _Run, on_step: Optional[StepHook]) -> None:
                    wait=f"{100 * record['data_wait_frac']:.0f}%")
     if health:
         postfix["rank"] = f"{health['emb_rankme']:.0f}"
-    skipped = sum(v for k, v in stats.items() if k.startswith("skipped"))
+    skipped = sum(stats.get(k, 0) for k in SKIP_KINDS)  # every counter that means "data not used"
     if skipped:
         postfix["skipped"] = skipped
     run.bar.set_postfix(postfix)
@@ -594,6 +597,9 @@ def _finish(run: _Run, status: str) -> TrainResult:
     run.metrics.close()
     summary = run.meter.summary()
     data = {k: v for k, v in run.loader.stats().items() if v or k == "samples"}
+    ignored = sum(getattr(getattr(run.loader, "source", None), "ignored", {}).values())
+    if ignored:  # files next to the data that are neither shards nor images: never read
+        data["ignored_files"] = int(ignored)
     if run.is_main:
         curve = plot_curves(run.metrics.path, run.run_dir / CURVE_PNG)
         write_json_atomic(run.run_dir / TRAIN_SUMMARY, {"status": status, "step": run.step,
