@@ -248,9 +248,12 @@ class Layout:
 
 
 def layout(n: int, d: int, cfg: KernelConfig, *, streaming: bool, block_rows: int, need_grad: bool,
-           has_off: bool, autotune: bool = False) -> Layout:
+           has_off: bool, autotune: bool = False, ma: Optional[int] = None) -> Layout:
+    """The buffers of the loss of ``ma`` rows of side a (default ``n``: the square loss; fewer for a rank's local
+    rows) against the ``n`` rows of side b."""
+    ma = n if ma is None else int(ma)
     dp, np_ = round_up(d, ALIGN), round_up(n, ALIGN)
-    r = min(block_rows, n)
+    r = min(block_rows, ma)
     bm, bn = (min(AUTOTUNE_BLOCKS),) * 2 if autotune else (cfg.rho.block_m, cfg.rho.block_n)
     tm, tn = cdiv(n, bm), cdiv(n, bn)
     split = cfg.rho.split_k
@@ -258,7 +261,7 @@ def layout(n: int, d: int, cfg: KernelConfig, *, streaming: bool, block_rows: in
     ws_c = 2 * n * dp
     off_h = ws_c
     if sums and not streaming:
-        ws_c += n * np_
+        ws_c += ma * np_
     off = N_VEC * np_
     off_rowpart = off
     off += 2 * tn * np_ if sums else 0
@@ -273,7 +276,7 @@ def layout(n: int, d: int, cfg: KernelConfig, *, streaming: bool, block_rows: in
     n_cnt = (1 + tm + tn + (tm * tn if split_used else 0)) if has_off else 0
     ws_f = off + round_up(n_cnt, ALIGN)
     h_block = r * np_ if (sums and streaming) else 0
-    acc = n * dp if (sums and streaming and r < n) else 0
+    acc = n * dp if (sums and streaming and r < ma) else 0
     return Layout(n=n, d=d, dp=dp, np_=np_, tm=tm, tn=tn, split=split if split_used else 1, ws_c=ws_c,
                   off_bhat=n * dp, off_h=off_h, ws_f=ws_f, off_rowpart=off_rowpart, off_colpart=off_colpart,
                   off_lpart=off_lpart, off_split=off_split, off_cnt=off_cnt, n_cnt=n_cnt, h_block=h_block, acc=acc)

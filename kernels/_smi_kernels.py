@@ -102,20 +102,23 @@ def _counters(wsf_ptr, off_cnt):
 # ------------------------------------------------------------------------------------------------------------------
 # row standardisation (+ diagonal correlation)
 # ------------------------------------------------------------------------------------------------------------------
-@triton.jit(do_not_specialize=["N"])
+@triton.jit(do_not_specialize=["N", "a_row0", "Ma"])
 def standardize_kernel(
     za_ptr, zb_ptr, wsc_ptr, wsf_ptr,
-    N, D, Dp, Np, s_am, s_ad, s_bm, s_bd, off_bhat, off_cnt, n_cnt,
+    N, D, Dp, Np, s_am, s_ad, s_bm, s_bd, off_bhat, off_cnt, n_cnt, a_row0, Ma,
     eps, log1p_eps, inv_D,
     TRANSFORM: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """ROWS rows per program; loops over D in BLOCK_D chunks (three passes: mean, centred variance, write)."""
+    """ROWS rows per program (global row index over zb's N rows); loops over D in BLOCK_D chunks (three passes:
+    mean, centred variance, write). ``za`` holds the rows [a_row0, a_row0 + Ma) (all N in the square case): the
+    other rows of side a are zeros and never read."""
     pid = tl.program_id(0)
     rows = pid * ROWS + tl.arange(0, ROWS)
-    row_ok = rows < N
+    b_ok = rows < N
+    row_ok = b_ok & (rows >= a_row0) & (rows < a_row0 + Ma)  # side a
     rows64 = rows.to(tl.int64)
     offs = tl.arange(0, BLOCK_D)
-    a_rows = za_ptr + rows64[:, None] * s_am
+    a_rows = za_ptr + (rows64 - a_row0)[:, None] * s_am
     b_rows = zb_ptr + rows64[:, None] * s_bm
 
     # pass 1: means
@@ -124,8 +127,9 @@ def standardize_kernel(
     for d0 in range(0, D, BLOCK_D):
         cols64 = (d0 + offs).to(tl.int64)
         msk = row_ok[:, None] & ((d0 + offs) < D)[None, :]
+        mskb = b_ok[:, None] & ((d0 + offs) < D)[None, :]
         acc_a += tl.load(a_rows + cols64[None, :] * s_ad, mask=msk, other=0.0).to(tl.float32)
-        acc_b += tl.load(b_rows + cols64[None, :] * s_bd, mask=msk, other=0.0).to(tl.float32)
+        acc_b += tl.load(b_rows + cols64[None, :] * s_bd, mask=mskb, other=0.0).to(tl.float32)
     mean_a = tl.sum(acc_a, axis=1) * inv_D
     mean_b = tl.sum(acc_b, axis=1) * inv_D
 
@@ -135,10 +139,11 @@ def standardize_kernel(
     for d0 in range(0, D, BLOCK_D):
         cols64 = (d0 + offs).to(tl.int64)
         msk = row_ok[:, None] & ((d0 + offs) < D)[None, :]
+        mskb = b_ok[:, None] & ((d0 + offs) < D)[None, :]
         xa = tl.load(a_rows + cols64[None, :] * s_ad, mask=msk, other=0.0).to(tl.float32)
-        xb = tl.load(b_rows + cols64[None, :] * s_bd, mask=msk, other=0.0).to(tl.float32)
+        xb = tl.load(b_rows + cols64[None, :] * s_bd, mask=mskb, other=0.0).to(tl.float32)
         xa = tl.where(msk, xa - mean_a[:, None], 0.0)
-        xb = tl.where(msk, xb - mean_b[:, None], 0.0)
+        xb = tl.where(mskb, xb - mean_b[:, None], 0.0)
         acc_a += xa * xa
         acc_b += xb * xb
     r_a = 1.0 / tl.sqrt_rn(tl.sum(acc_a, axis=1) * inv_D + 1e-6)
@@ -155,14 +160,15 @@ def standardize_kernel(
         cols = d0 + offs
         cols64 = cols.to(tl.int64)
         msk = row_ok[:, None] & (cols < D)[None, :]
+        mskb = b_ok[:, None] & (cols < D)[None, :]
         xa = tl.load(a_rows + cols64[None, :] * s_ad, mask=msk, other=0.0).to(tl.float32)
-        xb = tl.load(b_rows + cols64[None, :] * s_bd, mask=msk, other=0.0).to(tl.float32)
+        xb = tl.load(b_rows + cols64[None, :] * s_bd, mask=mskb, other=0.0).to(tl.float32)
         ha = tl.where(msk, (xa - mean_a[:, None]) * r_a[:, None], 0.0)
-        hb = tl.where(msk, (xb - mean_b[:, None]) * r_b[:, None], 0.0)
+        hb = tl.where(mskb, (xb - mean_b[:, None]) * r_b[:, None], 0.0)
         ha_c = ha.to(wsc_ptr.dtype.element_ty)
         hb_c = hb.to(wsc_ptr.dtype.element_ty)
         out = rows64[:, None] * Dp + cols64[None, :]
-        st = row_ok[:, None] & (cols < Dp)[None, :]
+        st = b_ok[:, None] & (cols < Dp)[None, :]
         tl.store(wsc_ptr + out, ha_c, mask=st)
         tl.store(wsc_ptr + off_bhat + out, hb_c, mask=st)
         acc_d += ha * hb
@@ -174,17 +180,17 @@ def standardize_kernel(
     phi, dphi = _phi_dphi(rho, eps, log1p_eps, TRANSFORM)
 
     vec = wsf_ptr + rows
-    tl.store(vec + V_MEAN_A * Np, mean_a, mask=row_ok)
-    tl.store(vec + V_RSTD_A * Np, r_a, mask=row_ok)
-    tl.store(vec + V_MEAN_B * Np, mean_b, mask=row_ok)
-    tl.store(vec + V_RSTD_B * Np, r_b, mask=row_ok)
-    tl.store(vec + V_PHI_D * Np, phi, mask=row_ok)
-    tl.store(vec + V_DPHI_D * Np, dphi, mask=row_ok)
-    tl.store(vec + V_RHO_D * Np, rho, mask=row_ok)
-    tl.store(vec + V_SUM_A * Np, tl.sum(acc_a, axis=1), mask=row_ok)
-    tl.store(vec + V_SUM_B * Np, tl.sum(acc_b, axis=1), mask=row_ok)
-    tl.store(vec + V_SUM_A32 * Np, tl.sum(acc_a32, axis=1), mask=row_ok)
-    tl.store(vec + V_SUM_B32 * Np, tl.sum(acc_b32, axis=1), mask=row_ok)
+    tl.store(vec + V_MEAN_A * Np, mean_a, mask=b_ok)
+    tl.store(vec + V_RSTD_A * Np, r_a, mask=b_ok)
+    tl.store(vec + V_MEAN_B * Np, mean_b, mask=b_ok)
+    tl.store(vec + V_RSTD_B * Np, r_b, mask=b_ok)
+    tl.store(vec + V_PHI_D * Np, phi, mask=b_ok)
+    tl.store(vec + V_DPHI_D * Np, dphi, mask=b_ok)
+    tl.store(vec + V_RHO_D * Np, rho, mask=b_ok)
+    tl.store(vec + V_SUM_A * Np, tl.sum(acc_a, axis=1), mask=b_ok)
+    tl.store(vec + V_SUM_B * Np, tl.sum(acc_b, axis=1), mask=b_ok)
+    tl.store(vec + V_SUM_A32 * Np, tl.sum(acc_a32, axis=1), mask=b_ok)
+    tl.store(vec + V_SUM_B32 * Np, tl.sum(acc_b32, axis=1), mask=b_ok)
 
     # the tile counters of the rho kernel start at zero (the kernel resets each one after its last use)
     if pid == 0:
@@ -207,12 +213,14 @@ def _ordered_sum(ptrs, ok, n_parts, stride):
 
 
 @triton.jit
-def _finish_loss(wsf_ptr, loss_ptr, N, Np, n_parts, off_lpart, inv_N, coef_off, HAS_OFF: tl.constexpr):
-    """loss = -sum_i phi(rho_ii) / N + coef_off * sum_t partial_t, both sums fp64 in a fixed order."""
+def _finish_loss(wsf_ptr, loss_ptr, row0, M, Np, n_parts, off_lpart, inv_N, coef_off, HAS_OFF: tl.constexpr):
+    """loss = -sum_i phi(rho_ii) / N + coef_off * sum_t partial_t over the rows [row0, row0 + M), both sums fp64 in
+    a fixed order."""
     offs = tl.arange(0, RED_BLOCK)
     diag = tl.zeros([RED_BLOCK], dtype=tl.float64)
-    for i0 in range(0, N, RED_BLOCK):
-        v = tl.load(wsf_ptr + V_PHI_D * Np + i0 + offs, mask=(i0 + offs) < N, other=0.0, cache_modifier=".cg")
+    for i0 in range(0, M, RED_BLOCK):
+        v = tl.load(wsf_ptr + V_PHI_D * Np + row0 + i0 + offs, mask=(i0 + offs) < M, other=0.0,
+                    cache_modifier=".cg")
         diag += v.to(tl.float64)
     loss = -tl.sum(diag, axis=0) * inv_N
     if HAS_OFF:
@@ -237,10 +245,11 @@ def rho_kernel(
     SPLIT_K: tl.constexpr,
 ):
     """Rows [row0, row0 + M) of rho against all N columns. H (when ``write_h``) is (M, Np) row-major at
-    ``h_ptr + off_h`` with block-local rows. The row / column sums (``do_sums``) and the loss (``do_loss``) need
-    row0 = 0 and M = N. Without an off-diagonal term (HAS_OFF false) one program writes the loss."""
+    ``h_ptr + off_h`` with block-local rows. The row / column sums (``do_sums``) and the loss (``do_loss``) are
+    those of the whole block (every row of side a the launch covers: all N in the square case, a rank's rows for
+    the local-rows loss). Without an off-diagonal term (HAS_OFF false) one program writes the loss."""
     if not HAS_OFF:
-        _finish_loss(wsf_ptr, loss_ptr, N, Np, 0, off_lpart, inv_N, coef_off, False)
+        _finish_loss(wsf_ptr, loss_ptr, row0, M, Np, 0, off_lpart, inv_N, coef_off, False)
     else:
         pid = tl.program_id(0)
         num_m = tl.cdiv(M, BLOCK_M)
@@ -337,7 +346,7 @@ def rho_kernel(
                 tl.debug_barrier()
                 done = tl.atomic_add(cnt, 1, sem="acq_rel", scope="gpu")
                 if done == num_m * num_n - 1:  # last tile of all: the loss
-                    _finish_loss(wsf_ptr, loss_ptr, N, Np, num_m * num_n, off_lpart, inv_N, coef_off, True)
+                    _finish_loss(wsf_ptr, loss_ptr, row0, M, Np, num_m * num_n, off_lpart, inv_N, coef_off, True)
                     tl.store(cnt, 0)
 
 
@@ -347,12 +356,13 @@ def rho_kernel(
 @triton.jit
 def _grad_tile(
     t, z_ptr, s_zm, s_zd, o_ptr, s_om, s_od, dz_ptr, wsc_ptr, wsf_ptr, h_ptr, acc_ptr, go_ptr,
-    N, D, Dp, Np, M, row0, off_bhat, off_h, b_mode, coef_off, inv_N, inv_D, inv_D2,
+    N, D, Dp, Np, M, row0, a_row0, Ma, off_bhat, off_h, b_mode, coef_off, inv_N, inv_D, inv_D2,
     SIDE: tl.constexpr, HAS_OFF: tl.constexpr, DOT_PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """One (BLOCK_M rows x BLOCK_N features) tile of dz for side a (SIDE 0: rows row0 + [0, M), product
-    H_blk @ bhat) or side b (SIDE 1: rows [0, N), product H_blk.T @ ahat[row0:row0 + M]).
+    H_blk @ bhat) or side b (SIDE 1: rows [0, N), product H_blk.T @ ahat[row0:row0 + M]). ``za`` (and dza) hold the
+    global rows [a_row0, a_row0 + Ma): only those b rows have their positive (the diagonal term) in this loss.
 
     b_mode (side b, streaming over row blocks): 0 = this product is complete; 1 = first block, store it in the
     fp32 accumulator; 2 = add it to the accumulator; 3 = last block, add the accumulator and finish."""
@@ -375,6 +385,15 @@ def _grad_tile(
         rows = lrows
     rows64 = rows.to(tl.int64)
     feats64 = feats.to(tl.int64)
+    # za / dza hold the global rows [a_row0, a_row0 + Ma): their base pointers are moved back by a_row0 rows (scalar
+    # arithmetic; masked lanes are never dereferenced), so that global row indices address them
+    if SIDE == 0:
+        z_ptr -= a_row0.to(tl.int64) * s_zm
+        dz_ptr -= a_row0.to(tl.int64) * D
+        o_ok = row_ok
+    else:
+        o_ptr -= a_row0.to(tl.int64) * s_om
+        o_ok = row_ok & (rows >= a_row0) & (rows < a_row0 + Ma)  # b rows whose positive is in this loss
 
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     if HAS_OFF:
@@ -416,7 +435,7 @@ def _grad_tile(
         r = tl.load(vec + (V_RSTD_A + 2 * SIDE) * Np, mask=row_ok, other=0.0)
         mu_o = tl.load(vec + (V_MEAN_B - 2 * SIDE) * Np, mask=row_ok, other=0.0)
         r_o = tl.load(vec + (V_RSTD_B - 2 * SIDE) * Np, mask=row_ok, other=0.0)
-        g_diag = -tl.load(vec + V_DPHI_D * Np, mask=row_ok, other=0.0) * inv_N
+        g_diag = -tl.load(vec + V_DPHI_D * Np, mask=o_ok, other=0.0) * inv_N
         m1 = g_diag * tl.load(vec + (V_SUM_B32 - SIDE) * Np, mask=row_ok, other=0.0) * inv_D2
         m2 = g_diag * tl.load(vec + V_RHO_D * Np, mask=row_ok, other=0.0) * inv_D
         if HAS_OFF:
@@ -424,7 +443,8 @@ def _grad_tile(
             m2 += coef_off * tl.load(vec + (V_RA_RHO + 2 * SIDE) * Np, mask=row_ok, other=0.0) * inv_D
         go = tl.load(go_ptr).to(tl.float32)
         x = tl.load(z_ptr + rows64[:, None] * s_zm + feats64[None, :] * s_zd, mask=msk, other=0.0).to(tl.float32)
-        xo = tl.load(o_ptr + rows64[:, None] * s_om + feats64[None, :] * s_od, mask=msk, other=0.0).to(tl.float32)
+        xo = tl.load(o_ptr + rows64[:, None] * s_om + feats64[None, :] * s_od, mask=o_ok[:, None] & f_ok[None, :],
+                     other=0.0).to(tl.float32)
         xhat = (x - mu[:, None]) * r[:, None]
         ohat = (xo - mu_o[:, None]) * r_o[:, None]
         g = (coef_off * acc + g_diag[:, None] * ohat) * inv_D
@@ -432,10 +452,10 @@ def _grad_tile(
         tl.store(dz_ptr + rows64[:, None] * D + feats64[None, :], dz.to(dz_ptr.dtype.element_ty), mask=msk)
 
 
-@triton.jit(do_not_specialize=["M", "N", "row0", "side_a", "b_mode"])
+@triton.jit(do_not_specialize=["M", "N", "row0", "a_row0", "Ma", "side_a", "b_mode"])
 def grad_kernel(
     za_ptr, zb_ptr, dza_ptr, dzb_ptr, wsc_ptr, wsf_ptr, h_ptr, acc_ptr, go_ptr,
-    N, D, Dp, Np, M, row0, s_am, s_ad, s_bm, s_bd, off_bhat, off_h, side_a, b_mode,
+    N, D, Dp, Np, M, row0, a_row0, Ma, s_am, s_ad, s_bm, s_bd, off_bhat, off_h, side_a, b_mode,
     coef_off, inv_N, inv_D, inv_D2,
     HAS_OFF: tl.constexpr, DOT_PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
@@ -446,12 +466,12 @@ def grad_kernel(
     tiles_a = side_a * tl.cdiv(M, BLOCK_M) * tl.cdiv(D, BLOCK_N)
     if pid < tiles_a:
         _grad_tile(pid, za_ptr, s_am, s_ad, zb_ptr, s_bm, s_bd, dza_ptr, wsc_ptr, wsf_ptr, h_ptr, acc_ptr, go_ptr,
-                   N, D, Dp, Np, M, row0, off_bhat, off_h, 0, coef_off, inv_N, inv_D, inv_D2,
+                   N, D, Dp, Np, M, row0, a_row0, Ma, off_bhat, off_h, 0, coef_off, inv_N, inv_D, inv_D2,
                    0, HAS_OFF, DOT_PREC, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
     else:
         _grad_tile(pid - tiles_a, zb_ptr, s_bm, s_bd, za_ptr, s_am, s_ad, dzb_ptr, wsc_ptr, wsf_ptr, h_ptr, acc_ptr,
-                   go_ptr, N, D, Dp, Np, M, row0, off_bhat, off_h, b_mode, coef_off, inv_N, inv_D, inv_D2,
-                   1, HAS_OFF, DOT_PREC, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
+                   go_ptr, N, D, Dp, Np, M, row0, a_row0, Ma, off_bhat, off_h, b_mode, coef_off, inv_N, inv_D,
+                   inv_D2, 1, HAS_OFF, DOT_PREC, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
 
 
 # The kernels the loss launches.

@@ -45,7 +45,8 @@ __all__ = ["smi_loss_triton", "precompile", "INTERPRET", "TRANSFORMS"]
 class _Plan:
     """Everything a forward + backward launches, computed once per key."""
 
-    __slots__ = ("n", "d", "dp", "np_", "cdt", "cfg", "streaming", "rows", "need_grad", "has_off", "lay", "autotune",
+    __slots__ = ("n", "ma", "a_row0", "d", "dp", "np_", "cdt", "cfg", "streaming", "rows", "need_grad", "has_off",
+                 "lay", "autotune",
                  "eps", "log1p_eps", "inv_d", "inv_d2", "inv_n", "c", "coef_loss", "coef_grad", "tid", "prec",
                  "std_grid", "std_meta", "rho_grid", "rho_meta", "write_h", "sums", "grad_meta", "blocks", "f32")
 
@@ -83,10 +84,13 @@ def _validate_options(neg_weight, eps, transform, streaming, block_rows):
         raise ConfigError(f"streaming must be None, True or False, got {streaming!r}")
 
 
-def _build_plan(n, d, dta, dtb, dev, neg_weight, eps, transform, streaming, block_rows, allow_tf32, autotune,
-                config, need_grad) -> _Plan:
+def _build_plan(n, ma, a_row0, d, dta, dtb, dev, neg_weight, eps, transform, streaming, block_rows, allow_tf32,
+                autotune, config, need_grad) -> _Plan:
+    """The plan of the loss of ``za`` rows [a_row0, a_row0 + ma) against all ``n`` rows of ``zb`` (the square
+    loss: ``ma = n``, ``a_row0 = 0``)."""
     _validate_options(neg_weight, eps, transform, streaming, block_rows)
     p = _Plan()
+    p.ma, p.a_row0 = int(ma), int(a_row0)
     cdt = compute_dtype(dta, dtb)
     if streaming is None:
         streaming = block_rows is not None or should_stream(n, d, cdt)
@@ -96,10 +100,10 @@ def _build_plan(n, d, dta, dtb, dev, neg_weight, eps, transform, streaming, bloc
                                                          interpret=INTERPRET)
     p.n, p.d, p.cdt, p.cfg, p.need_grad, p.autotune = n, d, cdt, cfg, need_grad, bool(autotune)
     p.streaming = bool(streaming)
-    p.rows = min(block_rows, n) if p.streaming else n
+    p.rows = min(block_rows, ma) if p.streaming else ma
     p.has_off = float(neg_weight) != 0.0
     p.lay = lay = layout(n, d, cfg, streaming=p.streaming, block_rows=p.rows, need_grad=need_grad,
-                         has_off=p.has_off, autotune=p.autotune)
+                         has_off=p.has_off, autotune=p.autotune, ma=ma)
     p.dp, p.np_ = lay.dp, lay.np_
     p.eps, p.log1p_eps = float(eps), math.log1p(float(eps))
     p.inv_d, p.inv_d2, p.inv_n = 1.0 / d, 1.0 / (d * d), 1.0 / n
@@ -120,11 +124,13 @@ def _build_plan(n, d, dta, dtb, dev, neg_weight, eps, transform, streaming, bloc
                           SPLIT_K=lay.split, num_warps=rho.num_warps, num_stages=rho.num_stages)
         p.grad_meta.update(BLOCK_M=grad.block_m, BLOCK_N=grad.block_n, BLOCK_K=grad.block_k, GROUP_M=grad.group_m,
                            num_warps=grad.num_warps, num_stages=grad.num_stages)
-    p.rho_grid = _rho_grid(p, n) if p.has_off else (1,)
-    # streaming backward: (row0, rows, side-b mode) per block of H
-    nblk = cdiv(n, p.rows)
-    p.blocks = tuple((r0, min(p.rows, n - r0), 0 if nblk == 1 else (1 if r0 == 0 else (3 if r0 + p.rows >= n else 2)))
-                     for r0 in range(0, n, p.rows))
+    p.rho_grid = _rho_grid(p, ma) if p.has_off else (1,)
+    # streaming backward: (row0, rows, side-b mode) per block of H, over side a's rows
+    nblk = cdiv(ma, p.rows)
+    end = a_row0 + ma
+    p.blocks = tuple((r0, min(p.rows, end - r0),
+                      0 if nblk == 1 else (1 if r0 == a_row0 else (3 if r0 + p.rows >= end else 2)))
+                     for r0 in range(a_row0, end, p.rows))
     p.f32 = torch.float32
     return p
 
@@ -140,11 +146,11 @@ def _rho_grid(p: _Plan, m: int):
 _PLANS: dict = {}
 
 
-def _plan(n, d, dta, dtb, dev, opts, need_grad) -> _Plan:
-    key = (n, d, dta, dtb, dev, opts, need_grad)
+def _plan(n, ma, a_row0, d, dta, dtb, dev, opts, need_grad) -> _Plan:
+    key = (n, ma, a_row0, d, dta, dtb, dev, opts, need_grad)
     plan = _PLANS.get(key)
     if plan is None:
-        plan = _PLANS[key] = _build_plan(n, d, dta, dtb, dev, *opts, need_grad)
+        plan = _PLANS[key] = _build_plan(n, ma, a_row0, d, dta, dtb, dev, *opts, need_grad)
     return plan
 
 
@@ -197,7 +203,7 @@ def _launch_std(p: _Plan, za, zb, ws_c, ws_f, sa, sb, warm=False):
     lay = p.lay
     _go(K.standardize_kernel, p.std_grid,
         (za, zb, ws_c, ws_f, p.n, p.d, p.dp, p.np_, sa[0], sa[1], sb[0], sb[1], lay.off_bhat, lay.off_cnt,
-         lay.n_cnt, p.eps, p.log1p_eps, p.inv_d), p.std_meta, warm)
+         lay.n_cnt, p.a_row0, p.ma, p.eps, p.log1p_eps, p.inv_d), p.std_meta, warm)
 
 
 def _launch_rho(p: _Plan, ws_c, ws_f, h, loss, m, row0, off_h, write_h, sums, do_loss, grid, warm=False):
@@ -223,8 +229,9 @@ def _launch_grad(p: _Plan, za, zb, dza, dzb, ws_c, ws_f, h, acc, go, sa, sb, m, 
         per = cdiv(p.d, g.block_n)
         grid = (side_a * cdiv(m, g.block_m) * per + side_b * cdiv(p.n, g.block_m) * per,)
     _go(kernel, grid,
-        (za, zb, dza, dzb, ws_c, ws_f, h, acc, go, p.n, p.d, p.dp, p.np_, m, row0, sa[0], sa[1], sb[0], sb[1],
-         p.lay.off_bhat, off_h, side_a, b_mode, p.coef_grad, p.inv_n, p.inv_d, p.inv_d2), p.grad_meta, warm)
+        (za, zb, dza, dzb, ws_c, ws_f, h, acc, go, p.n, p.d, p.dp, p.np_, m, row0, p.a_row0, p.ma, sa[0], sa[1],
+         sb[0], sb[1], p.lay.off_bhat, off_h, side_a, b_mode, p.coef_grad, p.inv_n, p.inv_d, p.inv_d2), p.grad_meta,
+        warm)
 
 
 def _forward(p: _Plan, za, zb, defined=False):
@@ -234,22 +241,22 @@ def _forward(p: _Plan, za, zb, defined=False):
     ws_f = za.new_zeros(p.lay.ws_f, dtype=p.f32) if defined else za.new_empty(p.lay.ws_f, dtype=p.f32)
     loss = za.new_empty((), dtype=p.f32)
     _launch_std(p, za, zb, ws_c, ws_f, za.stride(), zb.stride())
-    _launch_rho(p, ws_c, ws_f, ws_c, loss, p.n, 0, p.lay.off_h, int(p.write_h), int(p.sums), 1, p.rho_grid)
+    _launch_rho(p, ws_c, ws_f, ws_c, loss, p.ma, p.a_row0, p.lay.off_h, int(p.write_h), int(p.sums), 1, p.rho_grid)
     return loss, ws_c, ws_f
 
 
 def _backward(p: _Plan, go, za, zb, ws_c, ws_f, need_a, need_b):
     """(dza or None, dzb or None) for the upstream gradient ``go`` (a 0-dim tensor, read on the device)."""
     n, d = p.n, p.d
-    dza = za.new_empty((n, d)) if need_a else None
+    dza = za.new_empty((p.ma, d)) if need_a else None
     dzb = zb.new_empty((n, d)) if need_b else None
     out_a = dza if need_a else dzb
     out_b = dzb if need_b else dza
     sa, sb = za.stride(), zb.stride()
     side_a, side_b = int(need_a), int(need_b)
     if not p.streaming:
-        _launch_grad(p, za, zb, out_a, out_b, ws_c, ws_f, ws_c, ws_f, go, sa, sb, n, 0, p.lay.off_h, side_a, side_b,
-                     0)
+        _launch_grad(p, za, zb, out_a, out_b, ws_c, ws_f, ws_c, ws_f, go, sa, sb, p.ma, p.a_row0, p.lay.off_h, side_a,
+                     side_b, 0)
         return dza, dzb
     # streaming: recompute H one block of rows at a time and consume it at once (side b accumulates in fp32)
     h = za.new_empty(p.lay.h_block, dtype=p.cdt)
@@ -292,17 +299,17 @@ if not hasattr(torch, "compiler") or not hasattr(torch.compiler, "is_compiling")
 
 class _SMILoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, za, zb, opts, need_grad):
+    def forward(ctx, za, zb, opts, row0, need_grad):
         if _is_compiling():
-            loss, ws_c, ws_f = torch.ops.smi_timm.smi_loss_fwd(za, zb, *opts, need_grad)
+            loss, ws_c, ws_f = torch.ops.smi_timm.smi_loss_fwd(za, zb, row0, *opts, need_grad)
         else:
             _check_device(za)
             dev = za.get_device()
-            plan = _plan(za.shape[0], za.shape[1], za.dtype, zb.dtype, dev, opts, need_grad)
+            plan = _plan(zb.shape[0], za.shape[0], row0, za.shape[1], za.dtype, zb.dtype, dev, opts, need_grad)
             loss, ws_c, ws_f = _on_device(dev, _forward, plan, za, zb)
             ctx.plan, ctx.dev = plan, dev
         ctx.save_for_backward(za, zb, ws_c, ws_f)
-        ctx.opts = opts
+        ctx.opts, ctx.row0 = opts, row0
         return loss
 
     @staticmethod
@@ -311,10 +318,10 @@ class _SMILoss(torch.autograd.Function):
         za, zb, ws_c, ws_f = ctx.saved_tensors
         need_a, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         if _is_compiling():
-            dza, dzb = torch.ops.smi_timm.smi_loss_bwd(grad, za, zb, ws_c, ws_f, *ctx.opts, need_a, need_b)
-            return (dza if need_a else None), (dzb if need_b else None), None, None
+            dza, dzb = torch.ops.smi_timm.smi_loss_bwd(grad, za, zb, ws_c, ws_f, ctx.row0, *ctx.opts, need_a, need_b)
+            return (dza if need_a else None), (dzb if need_b else None), None, None, None
         dza, dzb = _on_device(ctx.dev, _backward, ctx.plan, grad, za, zb, ws_c, ws_f, need_a, need_b)
-        return dza, dzb, None, None
+        return dza, dzb, None, None, None
 
 
 # The custom ops behind the compiled path (torch >= 2.4). Their schema flattens the options.
@@ -322,51 +329,50 @@ def _opts_key(neg_weight, eps, transform, streaming, block_rows, allow_tf32, aut
     return (neg_weight, eps, transform, streaming, block_rows, allow_tf32, autotune, tuple(config))
 
 
-def _fwd_op_impl(za: torch.Tensor, zb: torch.Tensor, neg_weight: float, eps: float, transform: str,
+def _fwd_op_impl(za: torch.Tensor, zb: torch.Tensor, row0: int, neg_weight: float, eps: float, transform: str,
                  streaming: Optional[bool], block_rows: Optional[int], allow_tf32: bool, autotune: bool,
                  config: List[int], need_grad: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     _check_device(za)
     opts = _opts_key(neg_weight, eps, transform, streaming, block_rows, allow_tf32, autotune, config)
     dev = za.get_device()
-    plan = _plan(za.shape[0], za.shape[1], za.dtype, zb.dtype, dev, opts, need_grad)
+    plan = _plan(zb.shape[0], za.shape[0], row0, za.shape[1], za.dtype, zb.dtype, dev, opts, need_grad)
     return _on_device(dev, _forward, plan, za, zb, True)
 
 
-def _fwd_op_fake(za, zb, neg_weight, eps, transform, streaming, block_rows, allow_tf32, autotune, config,
+def _fwd_op_fake(za, zb, row0, neg_weight, eps, transform, streaming, block_rows, allow_tf32, autotune, config,
                  need_grad):
-    n, d = za.shape
+    (ma, d), n = za.shape, zb.shape[0]
     cdt = compute_dtype(za.dtype, zb.dtype)
-    lay = _fake_layout(n, d, cdt, neg_weight, eps, streaming, block_rows, autotune, config, need_grad)
+    lay = _fake_layout(n, ma, d, cdt, neg_weight, eps, streaming, block_rows, autotune, config, need_grad)
     return za.new_empty((), dtype=torch.float32), za.new_empty(lay.ws_c, dtype=cdt), \
         za.new_empty(lay.ws_f, dtype=torch.float32)
 
 
-def _fake_layout(n, d, cdt, neg_weight, eps, streaming, block_rows, autotune, config, need_grad):
+def _fake_layout(n, ma, d, cdt, neg_weight, eps, streaming, block_rows, autotune, config, need_grad):
     # block sizes (hence sizes) do not depend on the compute capability
     cfg = _config_from_tuple(config) or heuristic_config(n, d, cdt, None, interpret=INTERPRET)
     if streaming is None:
         streaming = block_rows is not None or should_stream(n, d, cdt)
-    rows = min(block_rows if block_rows is not None else default_block_rows(n, cdt), n)
+    rows = min(block_rows if block_rows is not None else default_block_rows(n, cdt), ma)
     return layout(n, d, cfg, streaming=bool(streaming), block_rows=rows, need_grad=need_grad,
-                  has_off=float(neg_weight) != 0.0, autotune=autotune)
+                  has_off=float(neg_weight) != 0.0, autotune=autotune, ma=ma)
 
 
 def _bwd_op_impl(grad: torch.Tensor, za: torch.Tensor, zb: torch.Tensor, ws_c: torch.Tensor, ws_f: torch.Tensor,
-                 neg_weight: float, eps: float, transform: str, streaming: Optional[bool], block_rows: Optional[int],
-                 allow_tf32: bool, autotune: bool, config: List[int], need_a: bool, need_b: bool
-                 ) -> Tuple[torch.Tensor, torch.Tensor]:
+                 row0: int, neg_weight: float, eps: float, transform: str, streaming: Optional[bool],
+                 block_rows: Optional[int], allow_tf32: bool, autotune: bool, config: List[int], need_a: bool,
+                 need_b: bool) -> Tuple[torch.Tensor, torch.Tensor]:
     opts = _opts_key(neg_weight, eps, transform, streaming, block_rows, allow_tf32, autotune, config)
     dev = za.get_device()
-    plan = _plan(za.shape[0], za.shape[1], za.dtype, zb.dtype, dev, opts, True)
+    plan = _plan(zb.shape[0], za.shape[0], row0, za.shape[1], za.dtype, zb.dtype, dev, opts, True)
     dza, dzb = _on_device(dev, _backward, plan, grad, za, zb, ws_c, ws_f, need_a, need_b)
     return (dza if need_a else za.new_empty(0)), (dzb if need_b else zb.new_empty(0))
 
 
-def _bwd_op_fake(grad, za, zb, ws_c, ws_f, neg_weight, eps, transform, streaming, block_rows, allow_tf32, autotune,
-                 config, need_a, need_b):
-    n, d = za.shape
-    return (za.new_empty((n, d)) if need_a else za.new_empty(0)), (zb.new_empty((n, d)) if need_b else
-                                                                    zb.new_empty(0))
+def _bwd_op_fake(grad, za, zb, ws_c, ws_f, row0, neg_weight, eps, transform, streaming, block_rows, allow_tf32,
+                 autotune, config, need_a, need_b):
+    return (za.new_empty(za.shape) if need_a else za.new_empty(0)), (zb.new_empty(zb.shape) if need_b else
+                                                                      zb.new_empty(0))
 
 
 CUSTOM_OP = hasattr(torch.library, "custom_op")
@@ -386,11 +392,15 @@ def _check_pair(za, zb):
             raise ConfigError(f"{name} must be 2-D (N, D), got shape {tuple(t.shape)}")
         if not t.is_floating_point():
             raise ConfigError(f"{name} must be a floating tensor, got dtype {t.dtype} (shape {tuple(t.shape)})")
-    if za.shape != zb.shape:
-        raise ConfigError(f"za and zb must have the same shape, got {tuple(za.shape)} and {tuple(zb.shape)}")
-    n, d = za.shape
-    if n < 2:
-        raise ConfigError(f"the SMI loss needs a batch of at least 2 rows, got shape {tuple(za.shape)}")
+    if za.shape[1] != zb.shape[1]:
+        raise ConfigError(f"za and zb must have the same number of features, got {tuple(za.shape)} and "
+                          f"{tuple(zb.shape)}")
+    if za.shape[0] > zb.shape[0]:
+        raise ConfigError(f"za has more rows than zb ({tuple(za.shape)} vs {tuple(zb.shape)}): za's rows must be "
+                          f"rows of the batch whose view b is zb")
+    n, d = zb.shape
+    if n < 2 or za.shape[0] < 1:
+        raise ConfigError(f"the SMI loss needs a batch of at least 2 rows, got shape {tuple(zb.shape)}")
     if d < 2:
         raise ConfigError(f"the SMI loss needs at least 2 features per row, got shape {tuple(za.shape)}")
     if za.device != zb.device:
@@ -402,12 +412,17 @@ def _check_pair(za, zb):
 def smi_loss_triton(za: torch.Tensor, zb: torch.Tensor, neg_weight: float = 64.0, eps: float = 1e-3,
                     transform: str = "mi", streaming: Optional[bool] = None, block_rows: Optional[int] = None, *,
                     allow_tf32: bool = False, autotune: bool = False,
-                    config: Optional[KernelConfig] = None) -> torch.Tensor:
+                    config: Optional[KernelConfig] = None, row0: Optional[int] = None) -> torch.Tensor:
     """SMI loss of two (N, D) embeddings with the fused Triton kernels; returns an fp32 scalar, differentiable.
+
+    With ``row0`` (the local-rows form of a loss over ranks), ``za`` holds the rows [row0, row0 + M) of the batch
+    whose view b is all of ``zb`` (N rows): the result is that block's share of the batch's loss,
+    ``-(1/N)·Σ_{i in block} φ(ρ_{i,i}) + neg_weight/(N(N-1))·Σ_{i in block, j≠i} φ(ρ_ij)``, from the M x N block
+    of rho only; the shares of all blocks add up to the loss of the whole batch.
 
     Args:
         za, zb: (N, D) floating tensors (fp32 / fp16 / bf16 / fp64; any strides), on CUDA (or CPU under
-            TRITON_INTERPRET=1).
+            TRITON_INTERPRET=1); with ``row0``, ``za`` is (M, D), M <= N.
         neg_weight: weight of the mean off-diagonal term.
         eps: smoothing of the "mi" transform.
         transform: "mi" or "square".
@@ -424,11 +439,19 @@ def smi_loss_triton(za: torch.Tensor, zb: torch.Tensor, neg_weight: float = 64.0
             heuristic; every process using it gets bit-identical results.
     """
     _check_pair(za, zb)
+    if row0 is None:
+        if za.shape[0] != zb.shape[0]:
+            raise ConfigError(f"za and zb must have the same shape, got {tuple(za.shape)} and {tuple(zb.shape)} "
+                              f"(or pass row0: za's rows are then rows [row0, row0 + M) of zb's batch)")
+        row0 = 0
+    if isinstance(row0, bool) or not isinstance(row0, int) or not 0 <= row0 <= zb.shape[0] - za.shape[0]:
+        raise ConfigError(f"row0 must be an int in [0, {zb.shape[0] - za.shape[0]}] for za {tuple(za.shape)} and "
+                          f"zb {tuple(zb.shape)}, got {row0!r}")
     opts = (neg_weight, eps, transform, streaming, block_rows, bool(allow_tf32), bool(autotune),
             _config_tuple(config))
     _validate_options(neg_weight, eps, transform, streaming, block_rows)
     need_grad = torch.is_grad_enabled() and (za.requires_grad or zb.requires_grad)
-    return _SMILoss.apply(za, zb, opts, need_grad)
+    return _SMILoss.apply(za, zb, opts, int(row0), need_grad)
 
 
 def precompile(n: int, d: int, dtype: torch.dtype, device, *, neg_weight: float = 64.0, eps: float = 1e-3,
@@ -463,7 +486,7 @@ def precompile(n: int, d: int, dtype: torch.dtype, device, *, neg_weight: float 
             raise ConfigError(f"precompile: dtype must be a floating torch.dtype, got {dt!r}")
     opts = (neg_weight, eps, transform, streaming, block_rows, bool(allow_tf32), bool(autotune),
             _config_tuple(config))
-    plan = _plan(n, d, dta, dtb, dev.index if dev.type == "cuda" else -1, opts, bool(requires_grad))
+    plan = _plan(n, n, 0, d, dta, dtb, dev.index if dev.type == "cuda" else -1, opts, bool(requires_grad))
     if dev.type == "cuda" and not INTERPRET:
         with torch.cuda.device(dev):
             for launch in _warm_launches(plan, dta, dtb):

@@ -1,6 +1,8 @@
 """gather=True under a real 2-process gloo group: DDP-averaged gradients equal one process on the global batch."""
+import importlib.util
 import os
 import socket
+import sys
 import tempfile
 
 import pytest
@@ -102,3 +104,118 @@ def test_gather_matches_global_batch(loss_name, distributed_results):
 def test_gather_without_process_group_is_local():
     xa, xb = _inputs()
     assert SMILoss(gather=True)(xa, xb).item() == pytest.approx(SMILoss(gather=False)(xa, xb).item())
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# gather=True by local rows: no rank forms a product larger than its n x D rows by the D x N gathered columns
+# ---------------------------------------------------------------------------------------------------------------------
+
+N_SHAPES, D_SHAPES = 5, 7  # odd sizes: n != D, N = WORLD * n
+
+
+def _products(fn):
+    """(m, k, n) of every matrix product dispatched while ``fn`` runs (forward and backward)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    mm = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default}
+    seen = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func in mm:
+                a, b = (args[1], args[2]) if func == torch.ops.aten.addmm.default else (args[0], args[1])
+                seen.append((a.shape[-2], a.shape[-1], b.shape[-1]))
+            return func(*args, **(kwargs or {}))
+
+    with Record():
+        fn()
+    return seen
+
+
+def _shape_worker(rank, port, out_dir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    try:
+        torch.set_num_threads(1)
+        g = torch.Generator().manual_seed(rank)
+        out = {}
+        for loss_name, make_loss in LOSSES.items():
+            if loss_name in ("barlow", "vicreg"):  # feature-level (D x D) losses: not sample-level
+                continue
+            za = torch.randn(N_SHAPES, D_SHAPES, generator=g, requires_grad=True)
+            zb = (za.detach() + 0.3 * torch.randn(N_SHAPES, D_SHAPES, generator=g)).requires_grad_(True)
+            loss_fn = make_loss(True)
+            out[loss_name] = _products(lambda f=loss_fn, a=za, b=zb: f(a, b).backward())
+        torch.save(out, os.path.join(out_dir, f"shapes-rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_gather_forms_only_the_local_rows_block():
+    with tempfile.TemporaryDirectory() as out_dir:
+        mp.spawn(_shape_worker, args=(_free_port(), out_dir), nprocs=WORLD, join=True)
+        results = [torch.load(os.path.join(out_dir, f"shapes-rank{r}.pt")) for r in range(WORLD)]
+    n, d, n_total = N_SHAPES, D_SHAPES, WORLD * N_SHAPES
+    budget = n * d * n_total  # n x D by D x N: 1/W of the full N x N matrix
+    for rank, per_loss in enumerate(results):
+        assert set(per_loss) == {"smi", "smi-feature_row", "smi-logmeanexp-square", "simclr"}
+        for loss_name, products in per_loss.items():
+            assert products, (loss_name, "no matrix product recorded")
+            worst = max(products, key=lambda p: p[0] * p[1] * p[2])
+            assert worst[0] * worst[1] * worst[2] <= budget, (rank, loss_name, worst, products)
+            # the forward's block of rho: this rank's n rows against all N columns
+            assert (n, d, n_total) in products, (rank, loss_name, products)
+
+
+def _triton_worker(rank, port, out_dir):
+    """The fused kernels (under the Triton interpreter on a CPU run) with gather=True: the launches' shapes, the
+    value and the gradients."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    try:
+        torch.set_num_threads(1)
+        from smi_timm.losses.smi import _load_kernels
+
+        ksmi = sys.modules[_load_kernels().__name__ + ".smi"]
+        launches = []
+        real_rho, real_grad = ksmi._launch_rho, ksmi._launch_grad
+
+        def rho(p, *args, **kw):
+            launches.append(("rho", args[4], p.n))  # m rows of side a against all n columns
+            return real_rho(p, *args, **kw)
+
+        def grad(p, *args, **kw):
+            launches.append(("grad", args[11], p.n))
+            return real_grad(p, *args, **kw)
+
+        ksmi._launch_rho, ksmi._launch_grad = rho, grad
+        xa, xb = _inputs()
+        sl = slice(rank * N_LOCAL, (rank + 1) * N_LOCAL)
+        za = xa[sl].clone().requires_grad_(True)
+        zb = xb[sl].clone().requires_grad_(True)
+        loss = SMILoss(neg_weight=4.0, eps=1e-2, gather=True, backend="triton")(za, zb)
+        loss.backward()
+        torch.save({"loss": loss.item(), "ga": za.grad, "gb": zb.grad, "launches": launches},
+                   os.path.join(out_dir, f"triton-rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" or importlib.util.find_spec("triton") is None,
+                    reason="needs Triton (run under its interpreter on a CPU)")
+def test_gather_with_the_fused_kernels_by_local_rows():
+    with tempfile.TemporaryDirectory() as out_dir:
+        mp.spawn(_triton_worker, args=(_free_port(), out_dir), nprocs=WORLD, join=True)
+        results = [torch.load(os.path.join(out_dir, f"triton-rank{r}.pt")) for r in range(WORLD)]
+    xa, xb = _inputs()
+    a, b = xa.clone().requires_grad_(True), xb.clone().requires_grad_(True)
+    ref = SMILoss(neg_weight=4.0, eps=1e-2, backend="torch")(a, b)
+    ref.backward()
+    for rank, res in enumerate(results):
+        assert res["loss"] == pytest.approx(ref.item(), abs=1e-5)  # every rank reports the global loss
+        sl = slice(rank * N_LOCAL, (rank + 1) * N_LOCAL)
+        torch.testing.assert_close(res["ga"] / WORLD, a.grad[sl], atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(res["gb"] / WORLD, b.grad[sl], atol=1e-5, rtol=1e-4)
+        # every launch: this rank's N_LOCAL rows against the WORLD * N_LOCAL gathered columns, never N x N
+        assert res["launches"] and all(m == N_LOCAL and n == WORLD * N_LOCAL for _, m, n in res["launches"]), \
+            res["launches"]

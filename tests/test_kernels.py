@@ -64,8 +64,8 @@ def residuals(za, zb, neg_weight=1.0, eps=1e-3, transform="mi", need_grad=True):
     """H (N x N, dense mode) and the per-row vectors the forward keeps, decoded from its workspace."""
     from smi_timm.kernels._plan import ROW_VECTORS, compute_dtype, layout
 
-    _, ws_c, ws_f = torch.ops.smi_timm.smi_loss_fwd(za, zb, neg_weight, eps, transform, False, None, False, False,
-                                                   [], need_grad)
+    _, ws_c, ws_f = torch.ops.smi_timm.smi_loss_fwd(za, zb, 0, neg_weight, eps, transform, False, None, False,
+                                                   False, [], need_grad)
     n, d = za.shape
     cfg = heuristic_config(n, d, compute_dtype(za.dtype, zb.dtype), interpret=kernels.INTERPRET)
     lay = layout(n, d, cfg, streaming=False, block_rows=n, need_grad=need_grad, has_off=neg_weight != 0)
@@ -349,15 +349,46 @@ def test_auto_backend_never_interprets_cuda_tensors():
 # ------------------------------------------------------------------------------------------------------------------
 # custom ops / compile / host overhead
 # ------------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("transform", ["mi", "square"])
+def test_local_row_blocks_add_up_to_the_loss(dtype, transform):
+    """The local-rows form (gather=True over ranks): each block of za's rows against all of zb gives its share;
+    the shares add up to the loss, the blocks' dza make up dza, their dzb add up to dzb (odd, uneven blocks)."""
+    n, d = 13, 20
+    za, zb = pair(n, d, dtype, seed=5)
+    kw = dict(neg_weight=4.0, eps=1e-2, transform=transform)
+    l_ref, ga_ref, gb_ref = reference_with_grads(za, zb, **kw)
+    total, ga, gb = 0.0, [], torch.zeros(n, d, dtype=torch.float64, device=DEVICE)
+    for r0, m in ((0, 5), (5, 1), (6, 7)):
+        a, b = za[r0:r0 + m].clone().requires_grad_(), zb.clone().requires_grad_()
+        share = smi_loss_triton(a, b, row0=r0, config=small_config(block=16, grad_block=16), **kw)
+        share.backward()
+        total += share.double()
+        ga.append(a.grad.double())
+        gb += b.grad.double()
+        # streamed over row blocks of the block: the same numbers
+        a2, b2 = za[r0:r0 + m].clone().requires_grad_(), zb.clone().requires_grad_()
+        streamed = smi_loss_triton(a2, b2, row0=r0, streaming=True, block_rows=3, **kw)
+        streamed.backward()
+        torch.testing.assert_close(streamed, share.detach(), **TOL[dtype])
+        assert_grad_close(a2.grad, a.grad, dtype)
+    torch.testing.assert_close(total, l_ref, **TOL[dtype])
+    assert_grad_close(torch.cat(ga), ga_ref, dtype)
+    assert_grad_close(gb, gb_ref, dtype)
+    with pytest.raises(ValueError, match=r"row0 must be an int in \[0, 8\]"):
+        smi_loss_triton(za[:5], zb, row0=9)
+
+
 def test_opcheck_custom_ops():
     za, zb = pair(9, 20, seed=1)
     # schema, fake tensor and AOT dispatch (dynamic shapes), dense and streaming, forward and backward
     for opts in ((1.0, 1e-3, "mi", False, None, False, False, []), (0.5, 1e-3, "square", True, 4, False, False, [])):
-        fwd_args = (za, zb, *opts, True)
-        torch.library.opcheck(torch.ops.smi_timm.smi_loss_fwd.default, fwd_args)
-        _, ws_c, ws_f = torch.ops.smi_timm.smi_loss_fwd(*fwd_args)
-        bwd_args = (torch.tensor(1.5, device=DEVICE), za, zb, ws_c, ws_f, *opts, True, True)
-        torch.library.opcheck(torch.ops.smi_timm.smi_loss_bwd.default, bwd_args)
+        for a, row0 in ((za, 0), (za[3:7], 3)):  # the square loss, and a block of local rows
+            fwd_args = (a, zb, row0, *opts, True)
+            torch.library.opcheck(torch.ops.smi_timm.smi_loss_fwd.default, fwd_args)
+            _, ws_c, ws_f = torch.ops.smi_timm.smi_loss_fwd(*fwd_args)
+            bwd_args = (torch.tensor(1.5, device=DEVICE), a, zb, ws_c, ws_f, row0, *opts, True, True)
+            torch.library.opcheck(torch.ops.smi_timm.smi_loss_bwd.default, bwd_args)
 
 
 def test_compile_fullgraph():
@@ -406,7 +437,9 @@ def test_dispatched_ops_per_call(kw, expected):
 @pytest.mark.parametrize("za,zb,match", [
     (torch.randn(1, 8), torch.randn(1, 8), r"at least 2 rows.*\(1, 8\)"),
     (torch.randn(8, 1), torch.randn(8, 1), r"at least 2 features.*\(8, 1\)"),
-    (torch.randn(8, 4), torch.randn(8, 5), r"same shape.*\(8, 4\).*\(8, 5\)"),
+    (torch.randn(8, 4), torch.randn(8, 5), r"same number of features.*\(8, 4\).*\(8, 5\)"),
+    (torch.randn(8, 4), torch.randn(6, 4), r"more rows than zb"),
+    (torch.randn(6, 4), torch.randn(8, 4), r"same shape.*\(6, 4\).*\(8, 4\).*row0"),
     (torch.randn(8, 4, 2), torch.randn(8, 4, 2), r"2-D.*\(8, 4, 2\)"),
     (torch.randn(8), torch.randn(8), r"2-D.*\(8,\)"),
     (torch.ones(8, 4, dtype=torch.int64), torch.ones(8, 4, dtype=torch.int64), r"floating.*int64"),

@@ -261,10 +261,11 @@ def test_compile_no_graph_break():
 def test_opcheck():
     za, zb = pair(64, 96, torch.float32, seed=3)
     opts = (1.0, 1e-3, "mi", False, None, False, False, [])
-    torch.library.opcheck(torch.ops.smi_timm.smi_loss_fwd.default, (za, zb, *opts, True))
-    _, ws_c, ws_f = torch.ops.smi_timm.smi_loss_fwd(za, zb, *opts, True)
-    torch.library.opcheck(torch.ops.smi_timm.smi_loss_bwd.default,
-                          (torch.tensor(1.0, device=DEVICE), za, zb, ws_c, ws_f, *opts, True, True))
+    for a, row0 in ((za, 0), (za[16:40], 16)):  # the square loss, and a block of local rows
+        torch.library.opcheck(torch.ops.smi_timm.smi_loss_fwd.default, (a, zb, row0, *opts, True))
+        _, ws_c, ws_f = torch.ops.smi_timm.smi_loss_fwd(a, zb, row0, *opts, True)
+        torch.library.opcheck(torch.ops.smi_timm.smi_loss_bwd.default,
+                              (torch.tensor(1.0, device=DEVICE), a, zb, ws_c, ws_f, row0, *opts, True, True))
 
 
 def test_cpu_tensor_rejected_without_interpreter():

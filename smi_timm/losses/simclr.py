@@ -10,9 +10,11 @@ For embeddings ``za``, ``zb`` of shape ``(N, D)`` (two views of the same N image
        L = −(1/2N)·Σ_k log( exp(s_k,p(k)) / Σ_{l≠k} exp(s_kl) )
 
 Like SMI it works on a sample-level matrix (of cosine similarities under a softmax instead of a map of Pearson
-correlations). Computed in float32. With ``gather=True`` both views are all-gathered with gradients, so every
-embedding meets the negatives of the global batch (the parameter gradients after DDP averaging equal those of one
-process on the concatenated batch).
+correlations). Computed in float32. With ``gather=True`` the loss is that of the global batch, computed by local rows
+(OpenCLIP's ``local_loss``): both views are all-gathered with gradients and each rank forms only the ``2n × 2N`` logits
+of its own rows (four ``n × D`` by ``D × N`` products), so every embedding meets the negatives of the global batch
+at ``1/W`` of the full matrix's work per rank; the value is the global loss and the parameter gradients after DDP
+averaging equal those of one process on the concatenated batch.
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
-from ._common import check_embeddings, gather_with_grad
+from ._common import check_embeddings, gather_with_grad, global_value, is_distributed, rank_and_world
 
 __all__ = ["SimCLRLoss", "simclr_loss", "DEFAULT_TEMPERATURE"]
 
@@ -35,8 +37,8 @@ def simclr_loss(za: torch.Tensor, zb: torch.Tensor, temperature: float = DEFAULT
     check_embeddings(za, zb, "simclr_loss")
     if temperature <= 0:
         raise ConfigError(f"simclr_loss: temperature must be > 0, got {temperature}")
-    if gather:
-        za, zb = gather_with_grad(za), gather_with_grad(zb)
+    if gather and is_distributed():
+        return _local_rows(za, zb, temperature)
     n = za.shape[0]
     u = F.normalize(torch.cat([za, zb]).float(), dim=1)
     logits = u @ u.t() / temperature
@@ -47,6 +49,23 @@ def simclr_loss(za: torch.Tensor, zb: torch.Tensor, temperature: float = DEFAULT
     return F.cross_entropy(logits, targets)
 
 
+def _local_rows(za: torch.Tensor, zb: torch.Tensor, temperature: float) -> torch.Tensor:
+    """The global-batch NT-Xent by this rank's ``2n`` rows against all ``2N`` gathered columns."""
+    rank, world = rank_and_world()
+    n = za.shape[0]
+    n_total = n * world
+    ua, ub = F.normalize(za.float(), dim=1), F.normalize(zb.float(), dim=1)
+    ua_all, ub_all = gather_with_grad(ua), gather_with_grad(ub)
+    mine = torch.arange(n, device=ua.device)
+    me = rank * n + mine  # global index of my rows within each view
+    total = ua.new_zeros(())
+    for rows, self_col, pos_col in ((ua, me, n_total + me), (ub, n_total + me, me)):
+        logits = torch.cat([rows @ ua_all.t(), rows @ ub_all.t()], dim=1) / temperature
+        logits = logits.masked_fill(torch.nn.functional.one_hot(self_col, 2 * n_total).bool(), float("-inf"))
+        total = total + F.cross_entropy(logits, pos_col, reduction="sum")
+    return global_value(total / (2 * n_total))
+
+
 class SimCLRLoss(nn.Module):
     """SimCLR's NT-Xent: ``L = −(1/2N)·Σ_k log softmax_{l≠k}(u_k·u_l/τ)_{p(k)}`` over the 2N L2-normalised
     embeddings of both views, the positive ``p(k)`` being the other view of the same image.
@@ -54,7 +73,8 @@ class SimCLRLoss(nn.Module):
     Args:
         temperature: τ. Default 0.1 (SimCLR's ImageNet value); on CIFAR-10 the harness tunes it in
             {0.1, 0.2, 0.5}.
-        gather: all-gather both views across ranks (with gradients): negatives from the global batch.
+        gather: the loss of the global batch (negatives from every rank), by local rows: ``1/W`` of the full
+            matrix's work per rank, same value and DDP-averaged gradients as one process on the concatenated batch.
 
     Shapes: ``za``, ``zb``: ``(N, D)`` floating tensors, N ≥ 2, D ≥ 2. Output: float32 scalar.
     """

@@ -47,9 +47,12 @@ The fused Triton kernels compute the default reading (``standardize="row"``, ``n
 warning, ``backend="triton"`` refuses them).
 
 Unlike Barlow Twins (a D×D feature cross-correlation) the matrix is N×N: its cost is O(N²·D) and it needs no
-cross-rank synchronisation. With ``gather=False`` (default) each rank computes the loss on its local batch; with
-``gather=True`` both views are all-gathered with gradients and every rank computes the loss on the global batch
-(the parameter gradients after DDP averaging equal those of one process on the concatenated batch).
+cross-rank synchronisation. With ``gather=False`` (default) each rank computes the loss on its local batch. With
+``gather=True`` the loss is that of the global batch of ``N = W·n`` samples, computed by local rows (as OpenCLIP's
+``local_loss``): view b is all-gathered with gradients and each rank forms only the ``n × N`` block of ρ of its own
+rows, so its cost is ``O(n·N·D)`` (``1/W`` of the full matrix) plus an all-gather of ``N × D`` embeddings and the
+all-reduce of one scalar; the reported value is the global loss and the parameter gradients after DDP averaging
+equal those of one process on the concatenated batch (:func:`smi_loss_local_rows`).
 
 Backends: ``"torch"`` is the reference (autograd, chunked over rows so that memory stays O(N·D + chunk·N));
 ``"triton"`` runs the fused kernels of :mod:`smi_timm.kernels`; ``"auto"`` picks Triton for CUDA tensors when
@@ -66,14 +69,24 @@ import os
 import sys
 import warnings
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional, Tuple
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..errors import ConfigError
-from ._common import VALID_BACKENDS, VALID_TRANSFORMS, check_choice, check_embeddings, gather_with_grad
+from ._common import (
+    VALID_BACKENDS,
+    VALID_TRANSFORMS,
+    all_reduce_with_grad,
+    check_choice,
+    check_embeddings,
+    gather_with_grad,
+    global_value,
+    is_distributed,
+    rank_and_world,
+)
 
 __all__ = ["SMILoss", "smi_loss", "smi_loss_reference", "standardize_rows", "standardize_features",
            "dependency_matrix", "phi", "resolve_backend", "is_fused", "DEFAULT_NEG_WEIGHT", "DEFAULT_EPS",
@@ -112,7 +125,7 @@ def standardize_features(x: torch.Tensor, dtype: torch.dtype = torch.float32) ->
     return (x - mean) / torch.sqrt(var + FEATURE_STD_EPS)
 
 
-def standardize(x: torch.Tensor, how: str = "row", dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def standardize_view(x: torch.Tensor, how: str = "row", dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The loss's standardisation of one view: ``"row"`` (rows over features) or ``"feature_row"`` (features over
     the batch, then rows over features)."""
     if how == "feature_row":
@@ -143,7 +156,7 @@ def dependency_matrix(za: torch.Tensor, zb: torch.Tensor, eps: float = DEFAULT_E
 
 
 def _standardize_pair(za, zb, how: str, dtype: torch.dtype = torch.float32):
-    return standardize(za, how, dtype), standardize(zb, how, dtype)
+    return standardize_view(za, how, dtype), standardize_view(zb, how, dtype)
 
 
 def _chunk_terms(a_chunk: torch.Tensor, b: torch.Tensor, row0: torch.Tensor, eps: float, transform: str,
@@ -163,6 +176,24 @@ def _chunk_terms(a_chunk: torch.Tensor, b: torch.Tensor, row0: torch.Tensor, eps
     return dep.sum(), diag.sum(), lse
 
 
+def _terms(a: torch.Tensor, b: torch.Tensor, diag0: int, eps: float, transform: str, lme: bool,
+           chunk_size: Optional[int]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(Σ φ, Σ φ of the positives, log-sum-exp of φ over the negatives)`` of the rows ``a`` (M, D) against the
+    columns ``b`` (N, D), both standardised, row ``i``'s positive being column ``diag0 + i``; chunked over rows (each
+    chunk recomputed in the backward when there is more than one)."""
+    m, n = a.shape[0], b.shape[0]
+    if chunk_size is None:
+        chunk_size = max(1, _MAX_CHUNK_ELEMENTS // n)
+    if chunk_size < 1:
+        raise ConfigError(f"chunk_size must be a positive number of rows, got {chunk_size}")
+    if chunk_size >= m:
+        return _chunk_terms(a, b, torch.tensor(diag0), eps, transform, lme)
+    parts = [checkpoint(_chunk_terms, a[start:start + chunk_size], b, torch.tensor(diag0 + start, device=a.device),
+                        eps, transform, lme, use_reentrant=False) for start in range(0, m, chunk_size)]
+    total, diag, lse = (torch.stack(p) for p in zip(*parts))
+    return total.sum(), diag.sum(), torch.logsumexp(lse, dim=0)
+
+
 def smi_loss_reference(za: torch.Tensor, zb: torch.Tensor, neg_weight: float = DEFAULT_NEG_WEIGHT,
                        eps: float = DEFAULT_EPS, transform: str = "mi", chunk_size: Optional[int] = None,
                        compute_dtype: torch.dtype = torch.float32, standardize: str = "row",
@@ -180,21 +211,52 @@ def smi_loss_reference(za: torch.Tensor, zb: torch.Tensor, neg_weight: float = D
     check_choice(standardize, VALID_STANDARDIZE, "standardize")
     lme = check_choice(negatives, VALID_NEGATIVES, "negatives") == "logmeanexp"
     n = za.shape[0]
-    if chunk_size is None:
-        chunk_size = max(1, _MAX_CHUNK_ELEMENTS // n)
-    if chunk_size < 1:
-        raise ConfigError(f"chunk_size must be a positive number of rows, got {chunk_size}")
     a, b = _standardize_pair(za, zb, standardize, compute_dtype)
-    if chunk_size >= n:
-        total, diag, lse = _chunk_terms(a, b, torch.zeros((), dtype=torch.long), eps, transform, lme)
-    else:
-        parts = [checkpoint(_chunk_terms, a[start:start + chunk_size], b, torch.tensor(start, device=a.device),
-                            eps, transform, lme, use_reentrant=False) for start in range(0, n, chunk_size)]
-        total, diag, lse = (torch.stack(p) for p in zip(*parts))
-        total, diag, lse = total.sum(), diag.sum(), torch.logsumexp(lse, dim=0)
+    total, diag, lse = _terms(a, b, 0, eps, transform, lme, chunk_size)
     if lme:
         return -diag / n + neg_weight * (lse - math.log(n * (n - 1)))
     return -diag / n + neg_weight * (total - diag) / (n * (n - 1))
+
+
+def _feature_stats(x: torch.Tensor, n_total: int, reduce: Callable) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per-feature mean and biased variance of ``x`` over the batch the loss sees: ``reduce`` sums the local sums
+    over the ranks, with gradients (two passes: the mean, then the centred squares)."""
+    mean = reduce(x.sum(dim=0)) / n_total
+    var = reduce((x - mean).pow(2).sum(dim=0)) / n_total
+    return mean, var
+
+
+def smi_loss_local_rows(za: torch.Tensor, zb: torch.Tensor, neg_weight: float = DEFAULT_NEG_WEIGHT,
+                        eps: float = DEFAULT_EPS, transform: str = "mi", chunk_size: Optional[int] = None,
+                        standardize: str = "row", negatives: str = "mean") -> torch.Tensor:
+    """The SMI loss of the global batch, ``gather=True``, computed by its local rows (torch backend).
+
+    This rank's ``n`` rows of view a meet the ``N = W·n`` all-gathered rows of view b: the ``n × N`` block of ρ,
+    never the ``N × N`` matrix (no product larger than ``n × D`` by ``D × N``, forward or backward). The rank's
+    share of the loss is ``−(1/N)·Σ_{i mine} φ(ρ_ii) + w/(N(N−1))·Σ_{i mine, j≠i} φ(ρ_ij)`` (with
+    ``negatives="logmeanexp"``: the log-sum-exps of the blocks are all-gathered and combined); with
+    ``standardize="feature_row"`` the feature statistics are those of the global batch (view a's all-reduced, view
+    b's from its gathered rows), with gradients. :func:`~smi_timm.losses._common.global_value` makes the value the
+    global loss and the parameter gradients, after DDP's averaging, those of one process on the concatenated batch.
+    """
+    rank, world = rank_and_world()
+    n = za.shape[0]
+    n_total = n * world
+    lme = negatives == "logmeanexp"
+    zb_all = gather_with_grad(zb)
+    a = za.float()
+    if standardize == "feature_row":
+        mean, var = _feature_stats(a, n_total, all_reduce_with_grad)
+        a = (a - mean) / torch.sqrt(var + FEATURE_STD_EPS)
+    a = standardize_rows(a)
+    b = standardize_view(zb_all, standardize)  # the gathered rows are the global batch: their own statistics
+    total, diag, lse = _terms(a, b, rank * n, eps, transform, lme, chunk_size)
+    if lme:
+        lse_all = gather_with_grad(lse.reshape(1))
+        negative = (neg_weight / world) * (torch.logsumexp(lse_all, dim=0) - math.log(n_total * (n_total - 1)))
+    else:
+        negative = neg_weight * (total - diag) / (n_total * (n_total - 1))
+    return global_value(-diag / n_total + negative)
 
 
 def _load_kernels():
@@ -294,8 +356,15 @@ def smi_loss(za: torch.Tensor, zb: torch.Tensor, neg_weight: float = DEFAULT_NEG
     check_embeddings(za, zb, "smi_loss")
     if eps <= 0 and transform == "mi":
         raise ConfigError(f"eps must be > 0 for transform='mi' (φ is unbounded at |ρ| = 1 otherwise), got {eps}")
-    if gather:
-        za, zb = gather_with_grad(za), gather_with_grad(zb)
+    if gather and is_distributed():  # local rows against the gathered columns: 1/W of the full matrix per rank
+        if effective_backend(backend, za.device, standardize, negatives) == "triton":
+            rank, _ = rank_and_world()
+            local = _load_kernels().smi_loss_triton(za, gather_with_grad(zb), neg_weight=neg_weight, eps=eps,
+                                                    transform=transform, allow_tf32=allow_tf32,
+                                                    row0=rank * za.shape[0])
+            return global_value(local)
+        return smi_loss_local_rows(za, zb, neg_weight=neg_weight, eps=eps, transform=transform,
+                                   chunk_size=chunk_size, standardize=standardize, negatives=negatives)
     if effective_backend(backend, za.device, standardize, negatives) == "triton":
         kernels = _load_kernels()
         return kernels.smi_loss_triton(za, zb, neg_weight=neg_weight, eps=eps, transform=transform,
@@ -320,7 +389,9 @@ class SMILoss(nn.Module):
             over the batch, then each row; an alternative reading, torch backend).
         negatives: ``"mean"`` (default: mean off-diagonal φ) or ``"logmeanexp"`` (``log`` of the mean of
             ``exp(φ)``: the Donsker–Varadhan form, an alternative reading, torch backend).
-        gather: all-gather both views across ranks (with gradients) and compute the loss on the global batch.
+        gather: the loss of the global batch (``N = W·n`` samples over ``W`` ranks), computed by local rows: view b
+            is all-gathered with gradients and each rank forms the ``n × N`` block of its own rows (``1/W`` of the
+            full matrix's work); same value and DDP-averaged gradients as one process on the concatenated batch.
         backend: ``"auto"`` (Triton on CUDA, torch otherwise; see :func:`resolve_backend`), ``"torch"`` or
             ``"triton"``.
         chunk_size: rows of ρ per chunk for the torch backend (``None``: automatic, one chunk up to N = 4096).
