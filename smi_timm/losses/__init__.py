@@ -2,8 +2,10 @@
 
 ``create_loss(name, **kwargs)`` builds any of them by name; :data:`LOSSES` is the registry (display names and
 hyper-parameters, read from each loss's constructor and docstring: :mod:`smi_timm.losses.registry`). A new loss is
-one module here and one ``LOSSES.register`` line below.
+one module here and one ``LOSSES.register`` line below; :func:`gather_with_grad` and :func:`all_reduce_with_grad` are
+the differentiable collectives the losses' ``gather=True`` forms are built from.
 """
+from ._common import all_reduce_with_grad, gather_with_grad
 from .barlow import BarlowTwinsLoss, barlow_twins_loss
 from .registry import HParam, LossEntry, LossRegistry
 from .simclr import SimCLRLoss, simclr_loss
@@ -13,7 +15,7 @@ from .vicreg import VICRegLoss, vicreg_loss
 __all__ = [
     "SMILoss", "smi_loss", "smi_loss_reference", "dependency_matrix",
     "BarlowTwinsLoss", "barlow_twins_loss", "VICRegLoss", "vicreg_loss", "SimCLRLoss", "simclr_loss",
-    "LOSSES", "create_loss", "LossEntry", "LossRegistry", "HParam",
+    "LOSSES", "create_loss", "LossEntry", "LossRegistry", "HParam", "gather_with_grad", "all_reduce_with_grad",
 ]
 
 LOSSES = LossRegistry()

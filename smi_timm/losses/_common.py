@@ -1,7 +1,7 @@
-"""Shared input checks and the differentiable all-gather used by every loss."""
+"""Shared input checks and the differentiable collectives (all-gather, all-reduce) used by every loss."""
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Callable, Tuple
 
 import torch
 
@@ -104,6 +104,25 @@ def all_reduce_with_grad(t: torch.Tensor) -> torch.Tensor:
     import torch.distributed.nn.functional as dist_fn
 
     return dist_fn.all_reduce(t.contiguous())
+
+
+def global_batch_size(z: torch.Tensor) -> int:
+    """Rows of the global batch: ``W·n`` for ``n`` rows on each of ``W`` ranks (checked equal once per size), ``n``
+    outside torch.distributed."""
+    if not is_distributed():
+        return int(z.shape[0])
+    _check_equal_sizes(z)
+    return int(z.shape[0]) * rank_and_world()[1]
+
+
+def feature_stats(x: torch.Tensor, n_total: int, reduce: Callable[[torch.Tensor], torch.Tensor],
+                  unbiased: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per-feature mean and variance (biased, or ``unbiased``) of ``x`` over the batch the loss sees: ``reduce``
+    sums the local sums over the ranks, with gradients (:func:`all_reduce_with_grad`; the identity for one process).
+    Two passes: the mean, then the centred squares."""
+    mean = reduce(x.sum(dim=0)) / n_total
+    var = reduce((x - mean).pow(2).sum(dim=0)) / (n_total - 1 if unbiased else n_total)
+    return mean, var
 
 
 def global_value(local: torch.Tensor) -> torch.Tensor:

@@ -9,16 +9,18 @@ For embeddings ``za``, ``zb`` of shape ``(N, D)``:
 2. the D×D cross-correlation ``c = ẑaᵀ · ẑb / N``
 3. ``L = Σ_i (1 − c_ii)² + λ·Σ_{i≠j} c_ij²``
 
-With ``gather=True`` both views are all-gathered with gradients, so the statistics and ``c`` use the global batch
-and the gradients are exact (the reference implementation all-reduces ``c`` without a gradient path, which
-under-counts the other ranks' contribution).
+With ``gather=True`` the statistics and ``c`` are those of the global batch, computed from local sums: each rank
+standardises its rows with the all-reduced per-feature sums and all-reduces its ``ẑaᵀ·ẑb`` (n×D by D×D products
+only, ``1/W`` of the global batch's ``N·D²``; one all-reduce of D×D), all with gradients, so the gradients are
+exact (the reference implementation all-reduces ``c`` without a gradient path, which under-counts the other ranks'
+contribution). Every rank returns the global loss.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from ._common import check_embeddings, gather_with_grad
+from ._common import all_reduce_with_grad, check_embeddings, feature_stats, global_batch_size
 
 __all__ = ["BarlowTwinsLoss", "barlow_twins_loss", "DEFAULT_LAMBD"]
 
@@ -27,19 +29,23 @@ BN_EPS = 1e-5
 DEFAULT_LAMBD = 0.0051
 
 
-def _standardize_features(z: torch.Tensor) -> torch.Tensor:
+def _identity(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
+def _standardize_features(z: torch.Tensor, n_total: int, reduce) -> torch.Tensor:
     z = z.float()
-    return (z - z.mean(0, keepdim=True)) / torch.sqrt(z.var(0, unbiased=False, keepdim=True) + BN_EPS)
+    mean, var = feature_stats(z, n_total, reduce)
+    return (z - mean) / torch.sqrt(var + BN_EPS)
 
 
 def barlow_twins_loss(za: torch.Tensor, zb: torch.Tensor, lambd: float = DEFAULT_LAMBD,
                       gather: bool = False) -> torch.Tensor:
     """Functional Barlow Twins loss; see the module docstring. Returns a float32 scalar."""
     check_embeddings(za, zb, "barlow_twins_loss")
-    if gather:
-        za, zb = gather_with_grad(za), gather_with_grad(zb)
-    a, b = _standardize_features(za), _standardize_features(zb)
-    c = a.t() @ b / a.shape[0]
+    reduce, n_total = (all_reduce_with_grad, global_batch_size(za)) if gather else (_identity, za.shape[0])
+    a, b = _standardize_features(za, n_total, reduce), _standardize_features(zb, n_total, reduce)
+    c = reduce(a.t() @ b) / n_total
     diag = torch.diagonal(c)
     on_diag = (1.0 - diag).pow(2).sum()
     off_diag = c.pow(2).sum() - diag.pow(2).sum()
@@ -53,7 +59,8 @@ class BarlowTwinsLoss(nn.Module):
     Args:
         lambd: λ, the weight of the off-diagonal (redundancy) term. Default 0.0051, the value published for an
             8192-d projector.
-        gather: all-gather both views across ranks (with gradients): statistics and ``c`` of the global batch.
+        gather: statistics and ``c`` of the global batch across ranks, from all-reduced local sums (with
+            gradients).
     """
 
     def __init__(self, lambd: float = DEFAULT_LAMBD, gather: bool = False):

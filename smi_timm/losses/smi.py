@@ -69,7 +69,7 @@ import os
 import sys
 import warnings
 from pathlib import Path
-from typing import Callable, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 from torch import nn
@@ -82,6 +82,7 @@ from ._common import (
     all_reduce_with_grad,
     check_choice,
     check_embeddings,
+    feature_stats,
     gather_with_grad,
     global_value,
     is_distributed,
@@ -218,14 +219,6 @@ def smi_loss_reference(za: torch.Tensor, zb: torch.Tensor, neg_weight: float = D
     return -diag / n + neg_weight * (total - diag) / (n * (n - 1))
 
 
-def _feature_stats(x: torch.Tensor, n_total: int, reduce: Callable) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Per-feature mean and biased variance of ``x`` over the batch the loss sees: ``reduce`` sums the local sums
-    over the ranks, with gradients (two passes: the mean, then the centred squares)."""
-    mean = reduce(x.sum(dim=0)) / n_total
-    var = reduce((x - mean).pow(2).sum(dim=0)) / n_total
-    return mean, var
-
-
 def smi_loss_local_rows(za: torch.Tensor, zb: torch.Tensor, neg_weight: float = DEFAULT_NEG_WEIGHT,
                         eps: float = DEFAULT_EPS, transform: str = "mi", chunk_size: Optional[int] = None,
                         standardize: str = "row", negatives: str = "mean") -> torch.Tensor:
@@ -246,7 +239,7 @@ def smi_loss_local_rows(za: torch.Tensor, zb: torch.Tensor, neg_weight: float = 
     zb_all = gather_with_grad(zb)
     a = za.float()
     if standardize == "feature_row":
-        mean, var = _feature_stats(a, n_total, all_reduce_with_grad)
+        mean, var = feature_stats(a, n_total, all_reduce_with_grad)
         a = (a - mean) / torch.sqrt(var + FEATURE_STD_EPS)
     a = standardize_rows(a)
     b = standardize_view(zb_all, standardize)  # the gathered rows are the global batch: their own statistics

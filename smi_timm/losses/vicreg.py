@@ -8,7 +8,10 @@ For embeddings ``za``, ``zb`` of shape ``(N, D)``:
 - covariance: ``c = Σ_{i≠j} C(za)_ij² / D + Σ_{i≠j} C(zb)_ij² / D`` with ``C(z) = (z − z̄)ᵀ(z − z̄)/(N − 1)``
 
 ``L = sim_coeff·s + std_coeff·v + cov_coeff·c`` (defaults 25, 25, 1 as in the paper). With ``gather=True`` all terms
-use the all-gathered global batch, as in the official implementation.
+use the global batch, as in the official implementation, but from local sums: per-feature sums, the squared error
+and each rank's ``(z − z̄)ᵀ(z − z̄)`` are all-reduced with gradients (n×D by D×D products only, ``1/W`` of the global
+batch's work; the official code all-gathers both views and repeats the whole computation on every rank). Every rank
+returns the global loss.
 """
 from __future__ import annotations
 
@@ -16,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._common import check_embeddings, gather_with_grad
+from ._common import all_reduce_with_grad, check_embeddings, feature_stats, global_batch_size
 
 __all__ = ["VICRegLoss", "vicreg_loss"]
 
@@ -29,18 +32,28 @@ def vicreg_loss(za: torch.Tensor, zb: torch.Tensor, sim_coeff: float = 25.0, std
                 cov_coeff: float = 1.0, gather: bool = False) -> torch.Tensor:
     """Functional VICReg loss; see the module docstring. Returns a float32 scalar."""
     check_embeddings(za, zb, "vicreg_loss")
-    if gather:
-        za, zb = gather_with_grad(za), gather_with_grad(zb)
+    if not gather:
+        return _vicreg(za, zb, sim_coeff, std_coeff, cov_coeff, za.shape[0], _identity)
+    return _vicreg(za, zb, sim_coeff, std_coeff, cov_coeff, global_batch_size(za), all_reduce_with_grad)
+
+
+def _identity(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
+def _vicreg(za, zb, sim_coeff, std_coeff, cov_coeff, n, reduce) -> torch.Tensor:
+    """The loss over a batch of ``n`` rows of which these are some: ``reduce`` sums local sums over the ranks."""
     x, y = za.float(), zb.float()
-    n, d = x.shape
-    repr_loss = F.mse_loss(x, y)
-    x = x - x.mean(0, keepdim=True)
-    y = y - y.mean(0, keepdim=True)
-    std_x = torch.sqrt(x.var(0) + 1e-4)
-    std_y = torch.sqrt(y.var(0) + 1e-4)
+    d = x.shape[1]
+    repr_loss = reduce((x - y).pow(2).sum()) / (n * d)
+    mean_x, var_x = feature_stats(x, n, reduce, unbiased=True)
+    mean_y, var_y = feature_stats(y, n, reduce, unbiased=True)
+    x, y = x - mean_x, y - mean_y
+    std_x = torch.sqrt(var_x + 1e-4)
+    std_y = torch.sqrt(var_y + 1e-4)
     std_loss = F.relu(1 - std_x).mean() / 2 + F.relu(1 - std_y).mean() / 2
-    cov_x = x.t() @ x / (n - 1)
-    cov_y = y.t() @ y / (n - 1)
+    cov_x = reduce(x.t() @ x) / (n - 1)
+    cov_y = reduce(y.t() @ y) / (n - 1)
     cov_loss = _off_diagonal_sq_sum(cov_x) / d + _off_diagonal_sq_sum(cov_y) / d
     return sim_coeff * repr_loss + std_coeff * std_loss + cov_coeff * cov_loss
 
@@ -52,7 +65,7 @@ class VICRegLoss(nn.Module):
         sim_coeff: weight of the invariance term (mean squared error of the two views). Default 25, as published.
         std_coeff: weight of the variance term (hinge on each feature's standard deviation). Default 25.
         cov_coeff: weight of the covariance term (off-diagonal covariances). Default 1.
-        gather: all-gather both views across ranks (with gradients): every term over the global batch.
+        gather: every term over the global batch across ranks, from all-reduced local sums (with gradients).
     """
 
     def __init__(self, sim_coeff: float = 25.0, std_coeff: float = 25.0, cov_coeff: float = 1.0, gather: bool = False):
