@@ -2,10 +2,12 @@
 
 Public entry points: :func:`smi_loss_triton` and :func:`precompile`. See ``docs/kernels.md`` for the design.
 
-Eager calls go through a ``torch.autograd.Function`` whose forward and backward launch the kernels directly (one
-cached launch plan per shape and option set, five tensor allocations and three kernel launches per forward +
-backward). Under ``torch.compile`` the same functions run behind the opaque custom ops ``smi_timm::smi_loss_fwd`` /
-``smi_timm::smi_loss_bwd`` inside that autograd.Function, so the graph has no break and the residuals stay internal.
+Eager calls go through a ``torch.autograd.Function`` whose forward and backward launch the kernels directly: a
+call's signature (shapes, dtypes, devices, row0, options) is checked once and maps to its cached launch plans, whose
+grids and scalar arguments are computed once too; a forward + backward then costs five tensor allocations and three
+kernel launches. Under ``torch.compile`` the same functions run behind the opaque custom ops
+``smi_timm::smi_loss_fwd`` / ``smi_timm::smi_loss_bwd`` inside a second autograd.Function, so the graph has no break
+and the residuals stay internal.
 """
 from __future__ import annotations
 
@@ -35,6 +37,7 @@ from ._plan import (
 )
 
 INTERPRET = K.INTERPRET
+_CONTIGUOUS = torch.contiguous_format
 
 __all__ = ["smi_loss_triton", "precompile", "INTERPRET", "TRANSFORMS"]
 
@@ -46,9 +49,10 @@ class _Plan:
     """Everything a forward + backward launches, computed once per key."""
 
     __slots__ = ("n", "ma", "a_row0", "d", "dp", "np_", "cdt", "cfg", "streaming", "rows", "need_grad", "has_off",
-                 "lay", "autotune",
+                 "lay", "autotune", "dev",
                  "eps", "log1p_eps", "inv_d", "inv_d2", "inv_n", "c", "coef_loss", "coef_grad", "tid", "prec",
-                 "std_grid", "std_meta", "rho_grid", "rho_meta", "write_h", "sums", "grad_meta", "blocks", "f32")
+                 "std_grid", "std_meta", "std_mid", "std_tail", "rho_meta", "write_h", "sums", "grad_meta",
+                 "fwd_rho", "grad_full", "blocks", "f32", "scalar")
 
 
 def _capability(index: int) -> Optional[Tuple[int, int]]:
@@ -124,23 +128,64 @@ def _build_plan(n, ma, a_row0, d, dta, dtb, dev, neg_weight, eps, transform, str
                           SPLIT_K=lay.split, num_warps=rho.num_warps, num_stages=rho.num_stages)
         p.grad_meta.update(BLOCK_M=grad.block_m, BLOCK_N=grad.block_n, BLOCK_K=grad.block_k, GROUP_M=grad.group_m,
                            num_warps=grad.num_warps, num_stages=grad.num_stages)
-    p.rho_grid = _rho_grid(p, ma) if p.has_off else (1,)
-    # streaming backward: (row0, rows, side-b mode) per block of H, over side a's rows
+    p.dev = dev
+    p.f32 = torch.float32
+    # the loss is allocated like this 0-dim tensor: empty_like is the cheapest allocation torch offers
+    p.scalar = torch.empty((), dtype=torch.float32, device=torch.device("cuda", dev) if dev >= 0 else "cpu")
+    # every launch's grid and scalar arguments, computed once: a call only adds its tensors and strides
+    p.std_mid = (n, d, lay.dp, lay.np_)
+    p.std_tail = (lay.off_bhat, lay.off_cnt, lay.n_cnt, p.a_row0, p.ma, p.eps, p.log1p_eps, p.inv_d)
+    p.fwd_rho = _rho_spec(p, ma, p.a_row0, lay.off_h, int(p.write_h), int(p.sums), 1)
+    p.grad_full = _grad_spec(p, ma, p.a_row0, lay.off_h, 0)
+    # streaming backward: (rho spec, grad spec) per block of H over side a's rows; the side-b mode of a block says
+    # whether its product is the whole one (0), the first (1), a middle (2) or the last (3) of a sum over blocks
     nblk = cdiv(ma, p.rows)
     end = a_row0 + ma
-    p.blocks = tuple((r0, min(p.rows, end - r0),
-                      0 if nblk == 1 else (1 if r0 == a_row0 else (3 if r0 + p.rows >= end else 2)))
-                     for r0 in range(a_row0, end, p.rows))
-    p.f32 = torch.float32
+    blocks = []
+    for r0 in range(a_row0, end, p.rows):
+        m = min(p.rows, end - r0)
+        b_mode = 0 if nblk == 1 else (1 if r0 == a_row0 else (3 if r0 + p.rows >= end else 2))
+        blocks.append((_rho_spec(p, m, r0, 0, 1, 0, 0), _grad_spec(p, m, r0, 0, b_mode)))
+    p.blocks = tuple(blocks)
     return p
 
 
 def _rho_grid(p: _Plan, m: int):
+    if not p.has_off:
+        return (1,)
     if p.autotune:
         n = p.n
         return lambda meta: (cdiv(m, meta["BLOCK_M"]) * cdiv(n, meta["BLOCK_N"]) * meta["SPLIT_K"],)
     rho = p.cfg.rho
     return (cdiv(m, rho.block_m) * cdiv(p.n, rho.block_n) * p.lay.split,)
+
+
+def _rho_spec(p: _Plan, m, row0, off_h, write_h, sums, do_loss):
+    """(grid, scalar arguments) of one launch of the rho kernel over rows [row0, row0 + m)."""
+    lay = p.lay
+    return _rho_grid(p, m), (m, p.n, p.d, p.dp, p.np_, row0, lay.off_bhat, off_h, lay.off_rowpart, lay.off_colpart,
+                             lay.off_lpart, lay.off_split, lay.off_cnt, write_h, sums, do_loss, p.eps, p.log1p_eps,
+                             p.inv_d, p.c, p.inv_n, p.coef_loss)
+
+
+def _grad_spec(p: _Plan, m, row0, off_h, b_mode):
+    """{(side_a, side_b): (grid, scalar arguments before the strides, after them)} of one launch of the gradient
+    kernel over rows [row0, row0 + m) of H."""
+    n, d = p.n, p.d
+    mid = (n, d, p.dp, p.np_, m, row0, p.a_row0, p.ma)
+    spec = {}
+    for side_a, side_b in ((1, 1), (1, 0), (0, 1)):
+        if p.autotune:
+            def grid(meta, side_a=side_a, side_b=side_b):
+                per = cdiv(d, meta["BLOCK_N"])
+                return (side_a * cdiv(m, meta["BLOCK_M"]) * per + side_b * cdiv(n, meta["BLOCK_M"]) * per,)
+        else:
+            g = p.cfg.grad
+            per = cdiv(d, g.block_n)
+            grid = (side_a * cdiv(m, g.block_m) * per + side_b * cdiv(n, g.block_m) * per,)
+        tail = (p.lay.off_bhat, off_h, side_a, b_mode, p.coef_grad, p.inv_n, p.inv_d, p.inv_d2)
+        spec[side_a, side_b] = (grid, mid, tail)
+    return spec
 
 
 _PLANS: dict = {}
@@ -193,45 +238,28 @@ def _tuner(kind: str, plan: _Plan):
 # ------------------------------------------------------------------------------------------------------------------
 # launches (``warm=True``: compile only, tensors replaced by their dtypes; used by precompile)
 # ------------------------------------------------------------------------------------------------------------------
-def _go(kernel, grid, args, meta, warm):
-    if warm:
-        return kernel.warmup(*args, grid=grid, **meta)
-    kernel[grid](*args, **meta)
-
-
 def _launch_std(p: _Plan, za, zb, ws_c, ws_f, sa, sb, warm=False):
-    lay = p.lay
-    _go(K.standardize_kernel, p.std_grid,
-        (za, zb, ws_c, ws_f, p.n, p.d, p.dp, p.np_, sa[0], sa[1], sb[0], sb[1], lay.off_bhat, lay.off_cnt,
-         lay.n_cnt, p.a_row0, p.ma, p.eps, p.log1p_eps, p.inv_d), p.std_meta, warm)
+    args = (za, zb, ws_c, ws_f, *p.std_mid, *sa, *sb, *p.std_tail)
+    if warm:
+        return K.standardize_kernel.warmup(*args, grid=p.std_grid, **p.std_meta)
+    K.standardize_kernel[p.std_grid](*args, **p.std_meta)
 
 
-def _launch_rho(p: _Plan, ws_c, ws_f, h, loss, m, row0, off_h, write_h, sums, do_loss, grid, warm=False):
-    lay = p.lay
+def _launch_rho(p: _Plan, ws_c, ws_f, h, loss, spec, warm=False):
     kernel = _tuner("rho", p) if p.autotune and p.has_off else K.rho_kernel
-    _go(kernel, grid,
-        (ws_c, ws_f, h, loss, m, p.n, p.d, p.dp, p.np_, row0, lay.off_bhat, off_h, lay.off_rowpart,
-         lay.off_colpart, lay.off_lpart, lay.off_split, lay.off_cnt, write_h, sums, do_loss, p.eps, p.log1p_eps,
-         p.inv_d, p.c, p.inv_n, p.coef_loss), p.rho_meta, warm)
+    grid, scalars = spec
+    if warm:
+        return kernel.warmup(ws_c, ws_f, h, loss, *scalars, grid=grid, **p.rho_meta)
+    kernel[grid](ws_c, ws_f, h, loss, *scalars, **p.rho_meta)
 
 
-def _launch_grad(p: _Plan, za, zb, dza, dzb, ws_c, ws_f, h, acc, go, sa, sb, m, row0, off_h, side_a, side_b,
-                 b_mode, warm=False):
-    if p.autotune:
-        kernel = _tuner("grad", p)
-        n, d = p.n, p.d
-
-        def grid(meta):
-            per = cdiv(d, meta["BLOCK_N"])
-            return (side_a * cdiv(m, meta["BLOCK_M"]) * per + side_b * cdiv(n, meta["BLOCK_M"]) * per,)
-    else:
-        kernel, g = K.grad_kernel, p.cfg.grad
-        per = cdiv(p.d, g.block_n)
-        grid = (side_a * cdiv(m, g.block_m) * per + side_b * cdiv(p.n, g.block_m) * per,)
-    _go(kernel, grid,
-        (za, zb, dza, dzb, ws_c, ws_f, h, acc, go, p.n, p.d, p.dp, p.np_, m, row0, p.a_row0, p.ma, sa[0], sa[1],
-         sb[0], sb[1], p.lay.off_bhat, off_h, side_a, b_mode, p.coef_grad, p.inv_n, p.inv_d, p.inv_d2), p.grad_meta,
-        warm)
+def _launch_grad(p: _Plan, za, zb, dza, dzb, ws_c, ws_f, h, acc, go, sa, sb, spec, warm=False):
+    kernel = _tuner("grad", p) if p.autotune else K.grad_kernel
+    grid, mid, tail = spec
+    args = (za, zb, dza, dzb, ws_c, ws_f, h, acc, go, *mid, *sa, *sb, *tail)
+    if warm:
+        return kernel.warmup(*args, grid=grid, **p.grad_meta)
+    kernel[grid](*args, **p.grad_meta)
 
 
 def _forward(p: _Plan, za, zb, defined=False):
@@ -239,31 +267,29 @@ def _forward(p: _Plan, za, zb, defined=False):
     so that no element of the returned tensors is uninitialised (custom-op outputs may be compared)."""
     ws_c = za.new_empty(p.lay.ws_c, dtype=p.cdt)
     ws_f = za.new_zeros(p.lay.ws_f, dtype=p.f32) if defined else za.new_empty(p.lay.ws_f, dtype=p.f32)
-    loss = za.new_empty((), dtype=p.f32)
+    loss = torch.empty_like(p.scalar)
     _launch_std(p, za, zb, ws_c, ws_f, za.stride(), zb.stride())
-    _launch_rho(p, ws_c, ws_f, ws_c, loss, p.ma, p.a_row0, p.lay.off_h, int(p.write_h), int(p.sums), 1, p.rho_grid)
+    _launch_rho(p, ws_c, ws_f, ws_c, loss, p.fwd_rho)
     return loss, ws_c, ws_f
 
 
 def _backward(p: _Plan, go, za, zb, ws_c, ws_f, need_a, need_b):
     """(dza or None, dzb or None) for the upstream gradient ``go`` (a 0-dim tensor, read on the device)."""
-    n, d = p.n, p.d
-    dza = za.new_empty((p.ma, d)) if need_a else None
-    dzb = zb.new_empty((n, d)) if need_b else None
+    dza = torch.empty_like(za, memory_format=_CONTIGUOUS) if need_a else None
+    dzb = torch.empty_like(zb, memory_format=_CONTIGUOUS) if need_b else None
     out_a = dza if need_a else dzb
     out_b = dzb if need_b else dza
     sa, sb = za.stride(), zb.stride()
-    side_a, side_b = int(need_a), int(need_b)
+    sides = (need_a, need_b)  # keys (1, 1), (1, 0), (0, 1): bools hash as those ints
     if not p.streaming:
-        _launch_grad(p, za, zb, out_a, out_b, ws_c, ws_f, ws_c, ws_f, go, sa, sb, p.ma, p.a_row0, p.lay.off_h, side_a,
-                     side_b, 0)
+        _launch_grad(p, za, zb, out_a, out_b, ws_c, ws_f, ws_c, ws_f, go, sa, sb, p.grad_full[sides])
         return dza, dzb
     # streaming: recompute H one block of rows at a time and consume it at once (side b accumulates in fp32)
     h = za.new_empty(p.lay.h_block, dtype=p.cdt)
     acc = za.new_empty(p.lay.acc, dtype=p.f32) if p.lay.acc else ws_f
-    for r0, m, b_mode in p.blocks:
-        _launch_rho(p, ws_c, ws_f, h, ws_f, m, r0, 0, 1, 0, 0, _rho_grid(p, m))
-        _launch_grad(p, za, zb, out_a, out_b, ws_c, ws_f, h, acc, go, sa, sb, m, r0, 0, side_a, side_b, b_mode)
+    for rho_spec, grad_spec in p.blocks:
+        _launch_rho(p, ws_c, ws_f, h, ws_f, rho_spec)
+        _launch_grad(p, za, zb, out_a, out_b, ws_c, ws_f, h, acc, go, sa, sb, grad_spec[sides])
     return dza, dzb
 
 
@@ -288,26 +314,52 @@ def _check_device(t):
 # ------------------------------------------------------------------------------------------------------------------
 # the differentiable op
 # ------------------------------------------------------------------------------------------------------------------
-def _is_compiling() -> bool:
-    return torch.compiler.is_compiling()
+def _not_compiling() -> bool:  # torch < 2.3
+    return False
 
 
-if not hasattr(torch, "compiler") or not hasattr(torch.compiler, "is_compiling"):  # torch < 2.3
-    def _is_compiling() -> bool:  # noqa: F811
-        return False
+_is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", _not_compiling)
+
+
+def _eager_grads(ctx, grad):
+    za, zb, ws_c, ws_f = ctx.saved_tensors
+    needs, plan = ctx.needs_input_grad, ctx.plan
+    if plan.dev < 0:
+        dza, dzb = _backward(plan, grad, za, zb, ws_c, ws_f, needs[0], needs[1])
+    else:
+        dza, dzb = _on_device(plan.dev, _backward, plan, grad, za, zb, ws_c, ws_f, needs[0], needs[1])
+    return dza, dzb, None
+
+
+# create_graph=True: the gradients are not differentiable; using them in a second backward raises
+_eager_grads_once = torch.autograd.function.once_differentiable(_eager_grads)
 
 
 class _SMILoss(torch.autograd.Function):
+    """Eager calls: the plan comes from the caller's cache of checked signatures."""
+
+    @staticmethod
+    def forward(ctx, za, zb, plan):
+        if plan.dev < 0:
+            loss, ws_c, ws_f = _forward(plan, za, zb)
+        else:
+            loss, ws_c, ws_f = _on_device(plan.dev, _forward, plan, za, zb)
+        # saved (not ctx attributes): a backward without retain_graph frees them even while the loss lives on
+        ctx.save_for_backward(za, zb, ws_c, ws_f)
+        ctx.plan = plan
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad):  # once_differentiable's no_grad block only where grad mode is on (create_graph)
+        return _eager_grads_once(ctx, grad) if torch.is_grad_enabled() else _eager_grads(ctx, grad)
+
+
+class _SMILossOp(torch.autograd.Function):
+    """Under torch.compile: the same forward and backward behind the opaque custom ops (options flattened)."""
+
     @staticmethod
     def forward(ctx, za, zb, opts, row0, need_grad):
-        if _is_compiling():
-            loss, ws_c, ws_f = torch.ops.smi_timm.smi_loss_fwd(za, zb, row0, *opts, need_grad)
-        else:
-            _check_device(za)
-            dev = za.get_device()
-            plan = _plan(zb.shape[0], za.shape[0], row0, za.shape[1], za.dtype, zb.dtype, dev, opts, need_grad)
-            loss, ws_c, ws_f = _on_device(dev, _forward, plan, za, zb)
-            ctx.plan, ctx.dev = plan, dev
+        loss, ws_c, ws_f = torch.ops.smi_timm.smi_loss_fwd(za, zb, row0, *opts, need_grad)
         ctx.save_for_backward(za, zb, ws_c, ws_f)
         ctx.opts, ctx.row0 = opts, row0
         return loss
@@ -317,11 +369,8 @@ class _SMILoss(torch.autograd.Function):
     def backward(ctx, grad):
         za, zb, ws_c, ws_f = ctx.saved_tensors
         need_a, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        if _is_compiling():
-            dza, dzb = torch.ops.smi_timm.smi_loss_bwd(grad, za, zb, ws_c, ws_f, ctx.row0, *ctx.opts, need_a, need_b)
-            return (dza if need_a else None), (dzb if need_b else None), None, None, None
-        dza, dzb = _on_device(ctx.dev, _backward, ctx.plan, grad, za, zb, ws_c, ws_f, need_a, need_b)
-        return dza, dzb, None, None, None
+        dza, dzb = torch.ops.smi_timm.smi_loss_bwd(grad, za, zb, ws_c, ws_f, ctx.row0, *ctx.opts, need_a, need_b)
+        return (dza if need_a else None), (dzb if need_b else None), None, None, None
 
 
 # The custom ops behind the compiled path (torch >= 2.4). Their schema flattens the options.
@@ -384,7 +433,8 @@ if CUSTOM_OP:  # torch >= 2.4
 # ------------------------------------------------------------------------------------------------------------------
 # public API
 # ------------------------------------------------------------------------------------------------------------------
-def _check_pair(za, zb):
+def _check_call(za, zb, row0, opts) -> int:
+    """Raise a ConfigError / InputError naming what is wrong with a call; its row0 (an int)."""
     for name, t in (("za", za), ("zb", zb)):
         if not isinstance(t, torch.Tensor):
             raise ConfigError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -405,6 +455,44 @@ def _check_pair(za, zb):
         raise ConfigError(f"the SMI loss needs at least 2 features per row, got shape {tuple(za.shape)}")
     if za.device != zb.device:
         raise ConfigError(f"za and zb must be on the same device, got {za.device} and {zb.device}")
+    _check_device(za)
+    if row0 is None:
+        if za.shape[0] != zb.shape[0]:
+            raise ConfigError(f"za and zb must have the same shape, got {tuple(za.shape)} and {tuple(zb.shape)} "
+                              f"(or pass row0: za's rows are then rows [row0, row0 + M) of zb's batch)")
+        row0 = 0
+    if isinstance(row0, bool) or not isinstance(row0, int) or not 0 <= row0 <= zb.shape[0] - za.shape[0]:
+        raise ConfigError(f"row0 must be an int in [0, {zb.shape[0] - za.shape[0]}] for za {tuple(za.shape)} and "
+                          f"zb {tuple(zb.shape)}, got {row0!r}")
+    _validate_options(*opts[:5])
+    return int(row0)
+
+
+def _options(neg_weight, eps, transform, streaming, block_rows, allow_tf32, autotune, config):
+    """The options as the plans and the custom ops take them (flags as bools, the config as a tuple)."""
+    return (neg_weight, eps, transform, streaming, block_rows, bool(allow_tf32), bool(autotune),
+            () if config is None else _config_tuple(config))
+
+
+# call signature (shapes, dtypes, devices, row0, the options as passed) -> (plan without gradients, plan with
+# gradients), for the signatures that passed _check_call
+_CHECKED: dict = {}
+
+
+def _first_call(key, za, zb, row0, options):
+    """Check a call of a new signature and build its plans; ``key``: its signature (None where it could not be
+    formed: the checks then raise)."""
+    opts = _options(*options)
+    row0 = _check_call(za, zb, row0, opts)
+    dev = za.get_device()
+    n, ma, d = zb.shape[0], za.shape[0], za.shape[1]
+    plans = (_plan(n, ma, row0, d, za.dtype, zb.dtype, dev, opts, False),
+             _plan(n, ma, row0, d, za.dtype, zb.dtype, dev, opts, True))
+    try:
+        _CHECKED[key] = plans
+    except TypeError:  # an unhashable flag (allow_tf32=[1]): valid, checked again on every call
+        pass
+    return plans
 
 
 # Defaults: the library's (smi_timm.losses.smi.DEFAULT_NEG_WEIGHT / DEFAULT_EPS; kernels import nothing from the
@@ -438,20 +526,23 @@ def smi_loss_triton(za: torch.Tensor, zb: torch.Tensor, neg_weight: float = 64.0
         config: pin a :class:`~smi_timm.kernels.KernelConfig` (e.g. one found with ``autotune``) instead of the
             heuristic; every process using it gets bit-identical results.
     """
-    _check_pair(za, zb)
-    if row0 is None:
-        if za.shape[0] != zb.shape[0]:
-            raise ConfigError(f"za and zb must have the same shape, got {tuple(za.shape)} and {tuple(zb.shape)} "
-                              f"(or pass row0: za's rows are then rows [row0, row0 + M) of zb's batch)")
-        row0 = 0
-    if isinstance(row0, bool) or not isinstance(row0, int) or not 0 <= row0 <= zb.shape[0] - za.shape[0]:
-        raise ConfigError(f"row0 must be an int in [0, {zb.shape[0] - za.shape[0]}] for za {tuple(za.shape)} and "
-                          f"zb {tuple(zb.shape)}, got {row0!r}")
-    opts = (neg_weight, eps, transform, streaming, block_rows, bool(allow_tf32), bool(autotune),
-            _config_tuple(config))
-    _validate_options(neg_weight, eps, transform, streaming, block_rows)
-    need_grad = torch.is_grad_enabled() and (za.requires_grad or zb.requires_grad)
-    return _SMILoss.apply(za, zb, opts, int(row0), need_grad)
+    if _is_compiling():
+        opts = _options(neg_weight, eps, transform, streaming, block_rows, allow_tf32, autotune, config)
+        row0 = _check_call(za, zb, row0, opts)
+        need_grad = torch.is_grad_enabled() and (za.requires_grad or zb.requires_grad)
+        return _SMILossOp.apply(za, zb, opts, row0, need_grad)
+    # the checks and the plans run once per call signature; a call of a known one is a dict lookup
+    key = None
+    try:
+        key = (za.shape, zb.shape, za.dtype, zb.dtype, za.device, zb.device, type(row0), row0, neg_weight, eps,
+               transform, streaming, block_rows, allow_tf32, autotune, config)
+        plans = _CHECKED[key]
+    except (AttributeError, TypeError, KeyError):  # new, not tensors or not hashable: checked, and then known
+        plans = _first_call(key, za, zb, row0, (neg_weight, eps, transform, streaming, block_rows, allow_tf32,
+                                                autotune, config))
+    if torch.is_grad_enabled() and (za.requires_grad or zb.requires_grad):
+        return _SMILoss.apply(za, zb, plans[1])
+    return _SMILoss.apply(za, zb, plans[0])
 
 
 def precompile(n: int, d: int, dtype: torch.dtype, device, *, neg_weight: float = 64.0, eps: float = 1e-3,
@@ -484,8 +575,7 @@ def precompile(n: int, d: int, dtype: torch.dtype, device, *, neg_weight: float 
     for dt in (dta, dtb):
         if not isinstance(dt, torch.dtype) or not dt.is_floating_point:
             raise ConfigError(f"precompile: dtype must be a floating torch.dtype, got {dt!r}")
-    opts = (neg_weight, eps, transform, streaming, block_rows, bool(allow_tf32), bool(autotune),
-            _config_tuple(config))
+    opts = _options(neg_weight, eps, transform, streaming, block_rows, allow_tf32, autotune, config)
     plan = _plan(n, n, 0, d, dta, dtb, dev.index if dev.type == "cuda" else -1, opts, bool(requires_grad))
     if dev.type == "cuda" and not INTERPRET:
         with torch.cuda.device(dev):
@@ -498,16 +588,15 @@ def _warm_launches(p: _Plan, dta, dtb):
     """The launches of one forward + backward (both gradients) as compile-only calls."""
     f32, cdt, sa, sb = torch.float32, p.cdt, (p.d, 1), (p.d, 1)
     out = [lambda: _launch_std(p, dta, dtb, cdt, f32, sa, sb, warm=True),
-           lambda: _launch_rho(p, cdt, f32, cdt, f32, p.n, 0, p.lay.off_h, int(p.write_h), int(p.sums), 1,
-                               p.rho_grid, warm=True)]
+           lambda: _launch_rho(p, cdt, f32, cdt, f32, p.fwd_rho, warm=True)]
     if not p.need_grad:
         return out
     if not p.streaming:
-        out.append(lambda: _launch_grad(p, dta, dtb, dta, dtb, cdt, f32, cdt, f32, f32, sa, sb, p.n, 0,
-                                        p.lay.off_h, 1, 1, 0, warm=True))
+        out.append(lambda: _launch_grad(p, dta, dtb, dta, dtb, cdt, f32, cdt, f32, f32, sa, sb, p.grad_full[1, 1],
+                                        warm=True))
         return out
-    r0, m, b_mode = p.blocks[0]
-    out.append(lambda: _launch_rho(p, cdt, f32, cdt, f32, m, r0, 0, 1, 0, 0, _rho_grid(p, m), warm=True))
-    out.append(lambda: _launch_grad(p, dta, dtb, dta, dtb, cdt, f32, cdt, f32, f32, sa, sb, m, r0, 0, 1, 1, b_mode,
+    rho_spec, grad_spec = p.blocks[0]
+    out.append(lambda: _launch_rho(p, cdt, f32, cdt, f32, rho_spec, warm=True))
+    out.append(lambda: _launch_grad(p, dta, dtb, dta, dtb, cdt, f32, cdt, f32, f32, sa, sb, grad_spec[1, 1],
                                     warm=True))
     return out

@@ -180,19 +180,23 @@ def _triton_worker(rank, port, out_dir):
         torch.set_num_threads(1)
         from smi_timm.losses.smi import _load_kernels
 
-        ksmi = sys.modules[_load_kernels().__name__ + ".smi"]
+        kern = sys.modules[_load_kernels().__name__ + "._smi_kernels"]
         launches = []
-        real_rho, real_grad = ksmi._launch_rho, ksmi._launch_grad
 
-        def rho(p, *args, **kw):
-            launches.append(("rho", args[4], p.n))  # m rows of side a against all n columns
-            return real_rho(p, *args, **kw)
+        class Recording:  # kernel[grid](*args): records (kernel, M rows of side a, N columns) from the arguments
+            def __init__(self, name, kernel, m_at, n_at):
+                self.name, self.kernel, self.m_at, self.n_at = name, kernel, m_at, n_at
 
-        def grad(p, *args, **kw):
-            launches.append(("grad", args[11], p.n))
-            return real_grad(p, *args, **kw)
+            def __getitem__(self, grid):
+                def launch(*args, **meta):
+                    launches.append((self.name, args[self.m_at], args[self.n_at]))
+                    return self.kernel[grid](*args, **meta)
+                return launch
 
-        ksmi._launch_rho, ksmi._launch_grad = rho, grad
+        # rho_kernel(ws_c, ws_f, h, loss, M, N, ...); grad_kernel(za, zb, dza, dzb, ws_c, ws_f, h, acc, go, N, D, Dp,
+        # Np, M, ...)
+        kern.rho_kernel = Recording("rho", kern.rho_kernel, 4, 5)
+        kern.grad_kernel = Recording("grad", kern.grad_kernel, 13, 9)
         xa, xb = _inputs()
         sl = slice(rank * N_LOCAL, (rank + 1) * N_LOCAL)
         za = xa[sl].clone().requires_grad_(True)

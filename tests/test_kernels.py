@@ -19,6 +19,7 @@ import torch
 triton = pytest.importorskip("triton")
 
 from smi_timm import kernels  # noqa: E402
+from smi_timm.errors import ConfigError  # noqa: E402
 from smi_timm.kernels import (  # noqa: E402
     KernelConfig,
     TileConfig,
@@ -268,6 +269,34 @@ def test_backward_twice_with_retained_graph():
     g1 = torch.autograd.grad(loss, (a, b), retain_graph=True)
     g2 = torch.autograd.grad(loss, (a, b), torch.tensor(2.0, device=DEVICE))
     assert torch.equal(g1[0] * 2, g2[0]) and torch.equal(g1[1] * 2, g2[1])
+
+
+def test_create_graph_gives_gradients_that_refuse_a_second_backward():
+    za, zb = pair(20, 24, seed=21)
+    a, b = za.clone().requires_grad_(), zb.clone().requires_grad_()
+    ga, gb = torch.autograd.grad(smi_loss_triton(a, b), (a, b), create_graph=True)
+    ref_a, ref_b = torch.autograd.grad(smi_loss_triton(a, b), (a, b))
+    assert torch.equal(ga, ref_a) and torch.equal(gb, ref_b)
+    # a second backward through them raises: the gradients are constants, or (an upstream gradient that requires
+    # grad) once_differentiable's error
+    with pytest.raises(RuntimeError, match="does not require grad"):
+        ga.sum().backward()
+    seed = torch.ones((), device=DEVICE, requires_grad=True)
+    ga, _ = torch.autograd.grad(smi_loss_triton(a, b), (a, b), seed, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        ga.sum().backward()
+
+
+def test_a_bad_call_fails_again_after_good_calls_of_the_same_shape():
+    # the checks run once per call signature: another signature (bool row0, other options) is checked anew
+    za, zb = pair(12, 16, seed=3)
+    smi_loss_triton(za[:6], zb, row0=1)
+    with pytest.raises(ConfigError, match="row0 must be an int"):
+        smi_loss_triton(za[:6], zb, row0=True)
+    with pytest.raises(ConfigError, match="block_rows must be a positive int"):
+        smi_loss_triton(za, zb, block_rows=[4])
+    with pytest.raises(ConfigError, match="eps must be > 0"):
+        smi_loss_triton(za, zb, eps=0.0)
 
 
 def test_no_grad_skips_h():
