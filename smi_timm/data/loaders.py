@@ -48,7 +48,7 @@ from .reading import LabelRule, decode_image, sample_image_bytes, sample_label
 from .sources import DataSpec, Source, open_data
 from .stats import DataStats, merge
 from .stream import SSLStream, StreamOptions, single_thread
-from .workers import WorkerPool, check_worker
+from .workers import WorkerPool, check_worker, keep_freed_memory
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -264,6 +264,8 @@ class SSLLoader(_LoaderBase):
             return DeviceStage(self._pipeline, lambda k: batch_seed(seed, epoch, rank, k), self._stage_stats)
         if self._finish is None:
             self._finish = FinishUint8(o.augment, o.device, o.out_dtype, o.channels_last)
+            if self._finish.device.type == "cpu":  # batches normalised here: reuse their memory, as workers do
+                keep_freed_memory()
         finish = self._finish
         return lambda item: finish(item.views)
 

@@ -161,7 +161,7 @@ def adjust_hue(x: torch.Tensor, shift: torch.Tensor, out: Optional[torch.Tensor]
     The result equals torchvision's ``adjust_hue`` (RGB -> HSV, shift, HSV -> RGB) up to rounding. Closed form: with
     M, m the largest and smallest channel and h the hue in sixths of a turn, channel c of the output is
     ``M - (M - m) * clamp(2 - |k - 2|, 0, 1)`` with ``k = (h + n_c) mod 6``, n = 5, 3, 1 for R, G, B, computed as
-    ``clamp(2m - M + (M - m) * |k - 2|, m, M)``. ``out`` may be ``x`` itself (it is written last).
+    ``m + (M - m) * clamp(|k - 2| - 1, 0, 1)``. ``out`` may be ``x`` itself (it is written last).
     """
     r, g, b = x.unbind(1)
     maxc = torch.maximum(r, g)
@@ -177,13 +177,12 @@ def adjust_hue(x: torch.Tensor, shift: torch.Tensor, out: Optional[torch.Tensor]
     alt = torch.sub(g, b, out=alt).mul_(inv)  # ... red (wins ties, then green)
     h = h.lerp_(alt, torch.eq(maxc, r, out=mask))
     h = _mod6(h.add_(shift.view(-1, 1, 1).to(x.dtype) * 6.0))
-    base = torch.sub(minc, span, out=inv)  # 2m - M
-    # channel offsets 5, 3, 1 made on the device (a torch.tensor from a list would be a blocking host-to-device copy)
-    offsets = torch.arange(3, dtype=x.dtype, device=x.device).mul_(-2.0).add_(5.0).view(1, 3, 1, 1)
-    k = h.unsqueeze(1) + offsets  # in [1, 11): k mod 6 = k - 6 * (k >= 6)
-    d = k.sub_(_is(torch.ge, k, 6.0).mul_(6.0)).sub_(2.0).abs_()
-    d = torch.addcmul(base.unsqueeze(1), span.unsqueeze(1), d, out=d)
-    return torch.clamp(d, min=minc.unsqueeze(1), max=maxc.unsqueeze(1), out=d if out is None else out)
+    # k - 2 per channel, offsets n_c - 2 = 3, 1, -1 made on the device (a torch.tensor from a list would be a
+    # blocking host-to-device copy); in [-1, 9): (k mod 6) - 2 = that - 6 where it is >= 4
+    offsets = torch.arange(3, dtype=x.dtype, device=x.device).mul_(-2.0).add_(3.0).view(1, 3, 1, 1)
+    k = h.unsqueeze(1) + offsets
+    k = k.add_(_is(torch.ge, k, 4.0), alpha=-6.0).abs_().sub_(1.0).clamp_(0.0, 1.0).mul_(span.unsqueeze(1))
+    return torch.add(k, minc.unsqueeze(1), out=k if out is None else out)
 
 
 def grayscale_where(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
