@@ -52,7 +52,7 @@ class _Plan:
                  "lay", "autotune", "dev",
                  "eps", "log1p_eps", "inv_d", "inv_d2", "inv_n", "c", "coef_loss", "coef_grad", "tid", "prec",
                  "std_grid", "std_meta", "std_mid", "std_tail", "rho_meta", "write_h", "sums", "grad_meta",
-                 "fwd_rho", "grad_full", "blocks", "f32", "scalar")
+                 "fwd_rho", "grad_full", "blocks", "f32", "scalar", "like_ws_c", "like_ws_f", "like_h", "like_acc")
 
 
 def _capability(index: int) -> Optional[Tuple[int, int]]:
@@ -130,8 +130,7 @@ def _build_plan(n, ma, a_row0, d, dta, dtb, dev, neg_weight, eps, transform, str
                            num_warps=grad.num_warps, num_stages=grad.num_stages)
     p.dev = dev
     p.f32 = torch.float32
-    # the loss is allocated like this 0-dim tensor: empty_like is the cheapest allocation torch offers
-    p.scalar = torch.empty((), dtype=torch.float32, device=torch.device("cuda", dev) if dev >= 0 else "cpu")
+    p.scalar = None  # the buffers' prototypes: made by the first launch (precompile needs no device)
     # every launch's grid and scalar arguments, computed once: a call only adds its tensors and strides
     p.std_mid = (n, d, lay.dp, lay.np_)
     p.std_tail = (lay.off_bhat, lay.off_cnt, lay.n_cnt, p.a_row0, p.ma, p.eps, p.log1p_eps, p.inv_d)
@@ -262,11 +261,24 @@ def _launch_grad(p: _Plan, za, zb, dza, dzb, ws_c, ws_f, h, acc, go, sa, sb, spe
     kernel[grid](*args, **p.grad_meta)
 
 
+def _prototypes(p: _Plan):
+    """Every buffer of a call is allocated like a prototype of its size, dtype and device (a 0-dim tensor, or one
+    element expanded with stride 0): empty_like is the cheapest allocation torch offers."""
+    device = torch.device("cuda", p.dev) if p.dev >= 0 else torch.device("cpu")
+    p.like_ws_c, p.like_h = (torch.empty(1, dtype=p.cdt, device=device).expand(k)
+                             for k in (p.lay.ws_c, p.lay.h_block))
+    p.like_ws_f, p.like_acc = (torch.empty(1, dtype=torch.float32, device=device).expand(k)
+                               for k in (p.lay.ws_f, p.lay.acc or 0))
+    p.scalar = torch.empty((), dtype=torch.float32, device=device)
+
+
 def _forward(p: _Plan, za, zb, defined=False):
     """(loss, ws_c, ws_f): the loss and the residuals of the backward. ``defined``: zero the fp32 workspace first,
     so that no element of the returned tensors is uninitialised (custom-op outputs may be compared)."""
-    ws_c = za.new_empty(p.lay.ws_c, dtype=p.cdt)
-    ws_f = za.new_zeros(p.lay.ws_f, dtype=p.f32) if defined else za.new_empty(p.lay.ws_f, dtype=p.f32)
+    if p.scalar is None:
+        _prototypes(p)
+    ws_c = torch.empty_like(p.like_ws_c)
+    ws_f = za.new_zeros(p.lay.ws_f, dtype=p.f32) if defined else torch.empty_like(p.like_ws_f)
     loss = torch.empty_like(p.scalar)
     _launch_std(p, za, zb, ws_c, ws_f, za.stride(), zb.stride())
     _launch_rho(p, ws_c, ws_f, ws_c, loss, p.fwd_rho)
@@ -285,8 +297,10 @@ def _backward(p: _Plan, go, za, zb, ws_c, ws_f, need_a, need_b):
         _launch_grad(p, za, zb, out_a, out_b, ws_c, ws_f, ws_c, ws_f, go, sa, sb, p.grad_full[sides])
         return dza, dzb
     # streaming: recompute H one block of rows at a time and consume it at once (side b accumulates in fp32)
-    h = za.new_empty(p.lay.h_block, dtype=p.cdt)
-    acc = za.new_empty(p.lay.acc, dtype=p.f32) if p.lay.acc else ws_f
+    if p.scalar is None:
+        _prototypes(p)
+    h = torch.empty_like(p.like_h)
+    acc = torch.empty_like(p.like_acc) if p.lay.acc else ws_f
     for rho_spec, grad_spec in p.blocks:
         _launch_rho(p, ws_c, ws_f, h, ws_f, rho_spec)
         _launch_grad(p, za, zb, out_a, out_b, ws_c, ws_f, h, acc, go, sa, sb, grad_spec[sides])

@@ -455,7 +455,7 @@ def test_dispatched_ops_per_call(kw, expected):
     with stub_launches():
         step()
         ops = dispatched_ops(step)
-    assert ops == ["aten.new_empty.default"] * expected
+    assert ops == ["aten.empty_like.default"] * expected
     if not kw:
         assert len(ops) <= 6  # the target
 
@@ -580,6 +580,8 @@ def test_memory_model_is_what_the_loss_allocates(n, d, dtype, block_rows):
     cfg = heuristic_config(n, d, dtype, interpret=kernels.INTERPRET)
     model = (smi_streaming_peak_bytes(n, d, block_rows, dtype, config=cfg) if streaming
              else smi_dense_peak_bytes(n, d, dtype, config=cfg))
+    with stub_launches():
+        step()  # the first call of a shape also makes its plan's prototypes (a few bytes, kept with the plan)
     assert _allocated_bytes(step) == model
 
 
