@@ -64,6 +64,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import sys
 import time
@@ -862,6 +863,164 @@ def _spatial_table(out: Path) -> List[str]:
     return lines
 
 
+# -- the trial and the batch-size study ------------------------------------------------------------------------------
+
+def _matches(record, method, lr, extra) -> bool:
+    return record["method"] == method and record["lr"] == lr and record["extra"] == extra
+
+
+def trial_groups(args, preset, records) -> Dict[str, List[Dict[str, Any]]]:
+    """``{trial configuration: its test records at the final budget and the preset's batch}`` (SimCLR at its
+    validation choice; configurations without records are left out)."""
+    names = [n for n in TRIAL_CONFIGS]
+    try:
+        chosen = config_settings(args, preset, names)
+    except SystemExit:  # no SimCLR sweep yet
+        chosen = config_settings(args, preset, [n for n in names if n != "simclr"])
+    out = {}
+    for name, (method, lr, extra) in chosen.items():
+        rs = [r for r in records if r["steps"] == preset["final_steps"] and _matches(r, method, lr, extra)]
+        if rs:
+            out[name] = sorted(rs, key=lambda r: r["seed"])
+    return out
+
+
+def _flowers_linear(transfer, run_ids) -> List[float]:
+    """Per run: the flowers12 linear probe averaged over the transfer sizes (the rule's transfer number)."""
+    by_id = {r["run_id"]: r for r in transfer}
+    vals = []
+    for rid in run_ids:
+        t = by_id.get(rid)
+        if t is not None:
+            evals = t["transfer"]["evals"]
+            vals.append(statistics.mean(ev["linear"]["top1"] for ev in evals))
+    return vals
+
+
+def _pooled_std(a: Sequence[float], b: Sequence[float]) -> Optional[float]:
+    if len(a) < 2 or len(b) < 2:
+        return None
+    return math.sqrt((statistics.variance(a) + statistics.variance(b)) / 2)
+
+
+def default_rule(default: List[Dict[str, Any]], variant: List[Dict[str, Any]], transfer) -> Dict[str, Any]:
+    """The rule stated in docs/RESULTS.md before the trial: a variant becomes the default only if, over 2 seeds, its
+    mean beats the default's by more than twice the pooled seed standard deviation on kNN (k=200) **and** the linear
+    probe, and its flowers12 linear probe (mean over the sizes) is not below the default's by more than twice the
+    pooled standard deviation of that number."""
+    out: Dict[str, Any] = {"seeds": (len(default), len(variant))}
+    verdicts = []
+    for key in ("knn200_top1", "linear_top1"):
+        a, b = [r[key] for r in default], [r[key] for r in variant]
+        sd = _pooled_std(a, b)
+        gain = statistics.mean(b) - statistics.mean(a) if a and b else None
+        out[key] = dict(gain=gain, pooled_std=sd, passes=None if sd is None else gain > 2 * sd)
+        verdicts.append(out[key]["passes"])
+    fa = _flowers_linear(transfer, [r["run_id"] for r in default])
+    fb = _flowers_linear(transfer, [r["run_id"] for r in variant])
+    sd = _pooled_std(fa, fb)
+    gain = statistics.mean(fb) - statistics.mean(fa) if fa and fb else None
+    out["flowers12_linear"] = dict(gain=gain, pooled_std=sd, passes=None if sd is None else gain >= -2 * sd)
+    verdicts.append(out["flowers12_linear"]["passes"])
+    out["becomes_default"] = None if None in verdicts else all(verdicts)
+    return out
+
+
+def _trial_table(args, preset, test, transfer, out: Path) -> List[str]:
+    groups = trial_groups(args, preset, test)
+    if not groups:
+        return []
+    spatial = {}
+    path = out / "spatial" / "spatial.json"
+    if path.is_file():
+        spatial = {b["label"]: b["norm"]["top_mass"] for b in json.loads(path.read_text())["backbones"]}
+    lines = [f"## SMI's reading on trial: {preset['final_steps']} steps, test split (mean ± std over seeds)", "",
+             "Metrics on the test images' backbone features: RankMe; alignment (L2-normalised) and its centred form; "
+             "cross-view correlation (mean over features of the Pearson correlation of the two views); flowers12: "
+             "linear probe mean over the transfer sizes; spatial: top-20 % mass of the seed-0 backbone.", "",
+             "| configuration | settings | seeds | kNN k=200 | linear | RankMe | alignment | alignment (centred) | "
+             "cross-view corr. | flowers12 linear | spatial |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, rs in groups.items():
+        m = {f: mean_std([_metric(r, "test_metrics", f) for r in rs])
+             for f in ("rankme", "alignment", "alignment_centered", "cross_view_corr")}
+        flowers = mean_std(_flowers_linear(transfer, [r["run_id"] for r in rs]))
+        label = f"{rs[0]['method']} ({settings_text(rs[0]['lr'], rs[0]['extra'])})"
+        sp = spatial.get(label, spatial.get(rs[0]["method"]))
+        lines.append(f"| {name} | {settings_text(rs[0]['lr'], rs[0]['extra'])} | {len(rs)} | "
+                     f"{mean_std([r['knn200_top1'] for r in rs])} | {mean_std([r['linear_top1'] for r in rs])} | "
+                     f"{m['rankme']} | {m['alignment']} | {m['alignment_centered']} | {m['cross_view_corr']} | "
+                     f"{flowers} | {_fmt(sp, '.3f')} |")
+    if "smi" in groups:
+        lines += ["", "The rule for the default (docs/RESULTS.md): gain of the mean over today's default, against "
+                      "twice the pooled seed standard deviation.", "",
+                  "| configuration | kNN gain (2σ) | linear gain (2σ) | flowers12 gain (−2σ allowed) | becomes the "
+                  "default |", "|---|---:|---:|---:|---|"]
+        for name, rs in groups.items():
+            if name == "smi" or rs[0]["method"] not in ("smi", "smi-square"):
+                continue
+            rule = default_rule(groups["smi"], rs, transfer)
+            verdict = {None: "not decided (needs 2 seeds with flowers12 each)", True: "yes",
+                       False: "no"}[rule["becomes_default"]]
+            lines.append(f"| {name} | {_rule_cell(rule['knn200_top1'])} | {_rule_cell(rule['linear_top1'])} | "
+                         f"{_rule_cell(rule['flowers12_linear'])} | {verdict} |")
+    return lines
+
+
+def _rule_cell(v: Dict[str, Any]) -> str:
+    if v["gain"] is None:
+        return "–"
+    return f"{v['gain']:+.2f} ({_fmt(None if v['pooled_std'] is None else 2 * v['pooled_std'])})"
+
+
+def batch_records(args, preset, test) -> Dict[str, Dict[int, Dict[str, Any]]]:
+    """``{configuration: {batch size: seed-0 test record}}`` at equal epochs (the preset's batch: the trial's)."""
+    base = preset["train"]["batch_size"]
+    try:
+        chosen = config_settings(args, preset, list(TRIAL_CONFIGS))
+    except SystemExit:
+        chosen = config_settings(args, preset, [n for n in TRIAL_CONFIGS if n != "simclr"])
+    out: Dict[str, Dict[int, Dict[str, Any]]] = {}
+    for name, (method, lr, extra) in chosen.items():
+        for b in [*preset.get("batch_sizes", []), base]:
+            steps, bx = batch_extra(preset, b) if b != base else (preset["final_steps"], {})
+            rs = [r for r in test if r["seed"] == 0 and r["steps"] == steps and _matches(r, method, lr,
+                                                                                        dict(extra, **bx))]
+            if rs:
+                out.setdefault(name, {})[b] = rs[0]
+    return {k: v for k, v in out.items() if len(v) > 1}
+
+
+def _batch_table(args, preset, test, out: Path) -> List[str]:
+    recs = batch_records(args, preset, test)
+    if not recs:
+        return []
+    sizes = sorted({b for v in recs.values() for b in v})
+    epochs = preset["final_steps"] * preset["train"]["batch_size"] / preset["train"]["epoch_samples"]
+    lines = [f"## Linear probe (kNN k=200) against the batch size, {epochs:.1f} epochs, seed 0 "
+             f"([plot](batch_size.png))", "",
+             "| configuration | " + " | ".join(f"batch {b}" for b in sizes) + " |", "|---|" + "---:|" * len(sizes)]
+    for name, by_b in recs.items():
+        cells = [f"{by_b[b]['linear_top1']:.2f} ({by_b[b]['knn200_top1']:.2f})" if b in by_b else "–" for b in sizes]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    from matplotlib.figure import Figure
+
+    from smi_timm.curves import save_figure
+
+    fig = Figure(figsize=(5.2, 3.4))
+    ax = fig.subplots()
+    for name, by_b in recs.items():
+        bs = sorted(by_b)
+        ax.plot(bs, [by_b[b]["linear_top1"] for b in bs], marker="o", label=name)
+    ax.set(xscale="log", xlabel="batch size (log)", ylabel="linear probe top-1 (%)",
+           title=f"CIFAR-10, {epochs:.1f} epochs, equal epochs per batch size")
+    ax.set_xticks(sizes, [str(b) for b in sizes])
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    save_figure(fig, out / "batch_size.png")
+    return lines
+
+
 def curve_labels(records) -> Dict[str, Any]:
     """``{label: online monitor}``, one curve per run: ``method (seed S)``, with the settings in the label when the
     method ran at more than one (e.g. each criterion's choice), so no run hides another."""
@@ -884,7 +1043,8 @@ def phase_report(args, preset):
              f"Generated by `python benchmarks/compare_methods.py --preset {args.preset} --phase report` "
              f"(phases so far: those with rows below) on {hardware(_device())}; configuration: "
              f"`{json.dumps(preset['train'])}`.", ""]
-    for section in (_accuracy_tables(args, test), _transfer_table(args, transfer), _spatial_table(out),
+    for section in (_trial_table(args, preset, test, transfer, out), _batch_table(args, preset, test, out),
+                    _accuracy_tables(args, test), _transfer_table(args, transfer), _spatial_table(out),
                     _choice_table(args, val, steps) if val else [], _lr_table(args, val, steps),
                     _smi_tables(preset, val, steps), _sweep_metrics_table(val, steps), _investigation_table(val)):
         if section:

@@ -301,3 +301,56 @@ def test_simclr_temperature_phase_trial_and_batch_jobs(harness, tmp_path, monkey
         ("barlow", 1.0, 0, 1000, {"batch_size": 512, "warmup_steps": 25}, "test")]
     assert harness.run_name("barlow", 1.0, 0, 16000, calls[1][4]) == "barlow_lr1_s0_n16000_batch_size32_warmup_steps400"
     assert harness.run_settings(preset, "barlow", calls[1][4])["batch_size"] == 32
+
+
+def _trial_record(method, seed, extra, knn, linear, steps=4000, run_id=None):
+    rid = run_id or f"{method}_{'_'.join(f'{k}{v}' for k, v in extra.items())}_s{seed}_n{steps}"
+    return dict(method=method, lr=1.0, seed=seed, steps=steps, extra=extra, eval="test", run_id=rid,
+                knn200_top1=knn, knn20_top1=knn, linear_top1=linear, train_seconds=1.0, monitor=[],
+                test_metrics={"features": {"rankme": 100.0, "alignment": 0.5, "alignment_centered": 0.9,
+                                           "cross_view_corr": 0.6}})
+
+
+def test_default_rule_and_the_trial_and_batch_tables(harness, tmp_path):
+    out = tmp_path
+    preset = harness.PRESETS["cpu"]
+    default, w16, fr = ({"neg_weight": 64.0, "eps": 1e-3}, {"neg_weight": 16.0, "eps": 1e-3},
+                        {"neg_weight": 64.0, "eps": 1e-3, "standardize": "feature_row"})
+    recs = {
+        # default: kNN 47 ± 1.41, linear 52 ± 1.41
+        "smi": [_trial_record("smi", 0, default, 46.0, 51.0), _trial_record("smi", 1, default, 48.0, 53.0)],
+        # +6 on both probes against 2σ = 2.83: passes, unless flowers12 drops by more than 2σ
+        "smi-w16": [_trial_record("smi", 0, w16, 52.0, 57.0), _trial_record("smi", 1, w16, 54.0, 59.0)],
+        # +2 on both: within 2σ, the default stays
+        "feature_row": [_trial_record("smi", 0, fr, 48.0, 53.0), _trial_record("smi", 1, fr, 50.0, 55.0)],
+    }
+    for rs in recs.values():
+        for r in rs:
+            _write(out, f"{r['run_id']}_test", r)
+    # flowers12 linear (mean over sizes = acc + 2): default 60 / 62, smi-w16 40 / 42 (20 points worse)
+    transfer = []
+    for r, acc in zip(recs["smi"] + recs["smi-w16"] + recs["feature_row"], (58, 60, 38, 40, 58, 60)):
+        transfer.append(dict(run_id=r["run_id"], transfer=_transfer_result(float(acc))))
+    rule = harness.default_rule(recs["smi"], recs["smi-w16"], transfer)
+    assert rule["knn200_top1"]["passes"] and rule["linear_top1"]["passes"]
+    assert rule["flowers12_linear"]["gain"] == pytest.approx(-20.0) and not rule["flowers12_linear"]["passes"]
+    assert rule["becomes_default"] is False
+    rule = harness.default_rule(recs["smi"], recs["feature_row"], transfer)
+    assert rule["linear_top1"]["gain"] == pytest.approx(2.0)
+    assert rule["linear_top1"]["pooled_std"] == pytest.approx(2 ** 0.5)
+    assert rule["linear_top1"]["passes"] is False and rule["becomes_default"] is False
+    good = harness.default_rule(recs["smi"], recs["smi-w16"], [])  # no transfer yet: not decided
+    assert good["becomes_default"] is None
+    assert harness.default_rule(recs["smi"], recs["smi-w16"][:1], transfer)["becomes_default"] is None
+    # the report's sections from the records on disk: the trial's mean ± std, the rule, the batch-size table
+    batch = _trial_record("smi", 0, dict(default, batch_size=32, warmup_steps=400), 40.0, 45.0, steps=16000)
+    _write(out, "smi_b32_test", batch)
+    args = _ns(out)
+    lines = harness._trial_table(args, preset, harness.load_records(out, "test"), [], out)
+    table = "\n".join(lines)
+    assert "| smi | lr 1, eps 0.001, neg_weight 64 | 2 | 47.00 ± 1.41 | 52.00 ± 1.41 | 100.00 ± 0.00 |" in table
+    assert "| smi-w16 | +6.00 (2.83) | +6.00 (2.83) | – | not decided (needs 2 seeds with flowers12 each) |" in table
+    lines = harness._batch_table(args, preset, harness.load_records(out, "test"), out)
+    assert lines[2:] == ["| configuration | batch 32 | batch 128 |", "|---|---:|---:|",
+                         "| smi | 45.00 (40.00) | 51.00 (46.00) |"]
+    assert (out / "batch_size.png").is_file()
