@@ -630,8 +630,6 @@ def _world_worker(rank, world, port, n, d, timed, out_dir):
     import _cost_model as cm
     import torch.distributed as dist
 
-    from smi_timm.losses._common import gather_with_grad
-
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
