@@ -11,8 +11,10 @@ Barlow Twins loss and a three-GEMM roofline; the host overhead of the fused loss
 under the Triton interpreter (``--device cuda``: on CUDA tensors), and reports the host microseconds per forward +
 backward (``torch.autograd.grad``), the same in units of one ``torch.add`` of two (N, D) tensors timed in alternation
 with it in the same process (the median of the per-run ratios: a number that carries across CPUs; target <= 25x),
-and the torch operators dispatched per call outside the Triton kernels (counted with a ``TorchDispatchMode``; the
-autograd profiler's count, which also sees inside custom operators, is reported beside it; target <= 12 aten ops).
+the time above a floor timed the same way (``_Floor``: an ``autograd.Function`` that only saves its tensors and
+allocates its buffers, what any such loss costs at least), and the torch operators dispatched per call outside the
+Triton kernels (counted with a ``TorchDispatchMode``; the autograd profiler's count, which also sees inside custom
+operators, is reported beside it; target <= 12 aten ops).
 ``--baseline-ref REF`` measures the kernels of git revision REF the same way in a subprocess of the same run, for
 before / after ratios; without it the ratios are against the issue's stated baseline (63 us = 29x one torch.add,
 8 aten ops).
