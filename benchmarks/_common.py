@@ -9,9 +9,11 @@ import os
 import platform
 import resource
 import statistics
+import subprocess
 import time
 from datetime import date
-from typing import Callable, Dict, Optional
+from pathlib import Path
+from typing import Callable, Dict, Optional, Sequence
 
 import torch
 
@@ -131,3 +133,16 @@ def peak_mib(fn: Callable[[], object], device, before: Optional[Callable[[], obj
     fn()
     torch.cuda.synchronize()
     return (torch.cuda.max_memory_allocated() - base) / 2 ** 20
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def git_archive(ref: str, paths: Sequence[str], into) -> Path:
+    """Extract ``paths`` of git revision ``ref`` of this repository into the folder ``into`` (for before / after
+    measurements in one run); a SystemExit naming the revision if git cannot."""
+    archive = subprocess.run(["git", "-C", str(REPO), "archive", ref, *paths], capture_output=True)
+    if archive.returncode != 0:
+        raise SystemExit(f"--baseline-ref {ref}: git archive failed: {archive.stderr.decode()[-500:]}")
+    subprocess.run(["tar", "-x", "-C", str(into)], input=archive.stdout, check=True)
+    return Path(into)

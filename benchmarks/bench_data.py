@@ -47,7 +47,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import cpu_seconds, environment, sync  # noqa: E402
+from _common import cpu_seconds, environment, git_archive, sync  # noqa: E402
 
 RECORD = Path(__file__).resolve().parent / "results" / "bench_data_cpu.json"  # has the before / after record
 TARGET_RATE, TARGET_CORES = 10_000, 2.0
@@ -295,10 +295,7 @@ def compare_builds(urls, ref: str, rounds: int, scale: float) -> dict:
     root = Path(__file__).resolve().parents[1]
     shard_urls = urls if isinstance(urls, str) else " ".join(urls)
     with tempfile.TemporaryDirectory() as tmp:
-        archive = subprocess.run(["git", "-C", str(root), "archive", ref, "smi_timm"], capture_output=True)
-        if archive.returncode != 0:
-            raise SystemExit(f"--baseline-ref {ref}: git archive failed: {archive.stderr.decode()[-500:]}")
-        subprocess.run(["tar", "-x", "-C", tmp], input=archive.stdout, check=True)
+        git_archive(ref, ["smi_timm"], tmp)
         runs = {"this tree": [], ref: []}
         for i in range(rounds):
             order = [("this tree", root), (ref, Path(tmp))]

@@ -49,7 +49,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import device_tag, environment, peak_mib, sync, time_ms  # noqa: E402
+from _common import device_tag, environment, git_archive, peak_mib, sync, time_ms  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -252,12 +252,8 @@ def _install_kernels_from(folder):
 
 def measure_baseline(ref, args):
     """Run ``--host`` on the kernels of git revision ``ref`` in a subprocess; its JSON record."""
-    root = Path(__file__).resolve().parents[1]
     with tempfile.TemporaryDirectory() as tmp:
-        archive = subprocess.run(["git", "-C", str(root), "archive", ref, "kernels"], capture_output=True)
-        if archive.returncode != 0:
-            raise SystemExit(f"--baseline-ref {ref}: git archive failed: {archive.stderr.decode()[-500:]}")
-        subprocess.run(["tar", "-x", "-C", tmp], input=archive.stdout, check=True)
+        git_archive(ref, ["kernels"], tmp)
         cmd = [sys.executable, __file__, "--host", "--kernels-from", str(Path(tmp) / "kernels"), "--json-stdout",
                "--n", str(args.n[0]), "--d", str(args.d[0]), "--dtypes", args.dtypes[0], "--device", args.device,
                "--calls", str(args.calls), "--repeats", str(args.repeats)]

@@ -869,16 +869,20 @@ def _matches(record, method, lr, extra) -> bool:
     return record["method"] == method and record["lr"] == lr and record["extra"] == extra
 
 
-def trial_groups(args, preset, records) -> Dict[str, List[Dict[str, Any]]]:
-    """``{trial configuration: its test records at the final budget and the preset's batch}`` (SimCLR at its
-    validation choice; configurations without records are left out)."""
-    names = [n for n in TRIAL_CONFIGS]
+def _trial_settings(args, preset) -> Dict[str, Tuple[str, float, Dict[str, Any]]]:
+    """The trial configurations' (method, lr, extra), SimCLR at its validation choice (left out before its sweep)."""
+    names = list(TRIAL_CONFIGS)
     try:
-        chosen = config_settings(args, preset, names)
+        return config_settings(args, preset, names)
     except SystemExit:  # no SimCLR sweep yet
-        chosen = config_settings(args, preset, [n for n in names if n != "simclr"])
+        return config_settings(args, preset, [n for n in names if n != "simclr"])
+
+
+def trial_groups(args, preset, records) -> Dict[str, List[Dict[str, Any]]]:
+    """``{trial configuration: its test records at the final budget and the preset's batch}`` (configurations
+    without records are left out)."""
     out = {}
-    for name, (method, lr, extra) in chosen.items():
+    for name, (method, lr, extra) in _trial_settings(args, preset).items():
         rs = [r for r in records if r["steps"] == preset["final_steps"] and _matches(r, method, lr, extra)]
         if rs:
             out[name] = sorted(rs, key=lambda r: r["seed"])
@@ -976,12 +980,8 @@ def _rule_cell(v: Dict[str, Any]) -> str:
 def batch_records(args, preset, test) -> Dict[str, Dict[int, Dict[str, Any]]]:
     """``{configuration: {batch size: seed-0 test record}}`` at equal epochs (the preset's batch: the trial's)."""
     base = preset["train"]["batch_size"]
-    try:
-        chosen = config_settings(args, preset, list(TRIAL_CONFIGS))
-    except SystemExit:
-        chosen = config_settings(args, preset, [n for n in TRIAL_CONFIGS if n != "simclr"])
     out: Dict[str, Dict[int, Dict[str, Any]]] = {}
-    for name, (method, lr, extra) in chosen.items():
+    for name, (method, lr, extra) in _trial_settings(args, preset).items():
         for b in [*preset.get("batch_sizes", []), base]:
             steps, bx = batch_extra(preset, b) if b != base else (preset["final_steps"], {})
             rs = [r for r in test if r["seed"] == 0 and r["steps"] == steps and _matches(r, method, lr,

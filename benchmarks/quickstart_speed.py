@@ -32,7 +32,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import environment  # noqa: E402
+from _common import environment, git_archive  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -67,9 +67,7 @@ VARIANTS = {"eager": {"channels_last": False}, "channels_last": {"channels_last"
 
 def extract(ref: str, into: Path) -> Path:
     """The package of revision ``ref`` in ``into``, importable as ``smi_timm`` (kernels mapped as when installed)."""
-    archive = subprocess.run(["git", "-C", str(REPO), "archive", ref, "smi_timm", "kernels"], check=True,
-                             capture_output=True).stdout
-    subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
+    git_archive(ref, ["smi_timm", "kernels"], into)
     (into / "smi_timm" / "kernels").symlink_to(into / "kernels", target_is_directory=True)
     return into
 

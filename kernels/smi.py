@@ -338,10 +338,7 @@ _is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", _not_c
 def _eager_grads(ctx, grad):
     za, zb, ws_c, ws_f = ctx.saved_tensors
     needs, plan = ctx.needs_input_grad, ctx.plan
-    if plan.dev < 0:
-        dza, dzb = _backward(plan, grad, za, zb, ws_c, ws_f, needs[0], needs[1])
-    else:
-        dza, dzb = _on_device(plan.dev, _backward, plan, grad, za, zb, ws_c, ws_f, needs[0], needs[1])
+    dza, dzb = _on_device(plan.dev, _backward, plan, grad, za, zb, ws_c, ws_f, needs[0], needs[1])
     return dza, dzb, None
 
 
@@ -354,10 +351,7 @@ class _SMILoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, za, zb, plan):
-        if plan.dev < 0:
-            loss, ws_c, ws_f = _forward(plan, za, zb)
-        else:
-            loss, ws_c, ws_f = _on_device(plan.dev, _forward, plan, za, zb)
+        loss, ws_c, ws_f = _on_device(plan.dev, _forward, plan, za, zb)
         # saved (not ctx attributes): a backward without retain_graph frees them even while the loss lives on
         ctx.save_for_backward(za, zb, ws_c, ws_f)
         ctx.plan = plan

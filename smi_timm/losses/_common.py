@@ -115,6 +115,18 @@ def global_batch_size(z: torch.Tensor) -> int:
     return int(z.shape[0]) * rank_and_world()[1]
 
 
+def _identity(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
+def batch_sums(z: torch.Tensor, gather: bool) -> Tuple[Callable[[torch.Tensor], torch.Tensor], int]:
+    """``(reduce, n_total)`` of a loss built from sums over the batch: with ``gather``, sums all-reduced over the
+    ranks with gradients and the global batch's rows; otherwise the identity and this batch's rows."""
+    if gather:
+        return all_reduce_with_grad, global_batch_size(z)
+    return _identity, int(z.shape[0])
+
+
 def feature_stats(x: torch.Tensor, n_total: int, reduce: Callable[[torch.Tensor], torch.Tensor],
                   unbiased: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
     """Per-feature mean and variance (biased, or ``unbiased``) of ``x`` over the batch the loss sees: ``reduce``

@@ -20,17 +20,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ._common import all_reduce_with_grad, check_embeddings, feature_stats, global_batch_size
+from ._common import batch_sums, check_embeddings, feature_stats
 
 __all__ = ["BarlowTwinsLoss", "barlow_twins_loss", "DEFAULT_LAMBD"]
 
 BN_EPS = 1e-5
 #: the off-diagonal weight published for an 8192-d projector (Zbontar et al., 2021)
 DEFAULT_LAMBD = 0.0051
-
-
-def _identity(t: torch.Tensor) -> torch.Tensor:
-    return t
 
 
 def _standardize_features(z: torch.Tensor, n_total: int, reduce) -> torch.Tensor:
@@ -43,7 +39,7 @@ def barlow_twins_loss(za: torch.Tensor, zb: torch.Tensor, lambd: float = DEFAULT
                       gather: bool = False) -> torch.Tensor:
     """Functional Barlow Twins loss; see the module docstring. Returns a float32 scalar."""
     check_embeddings(za, zb, "barlow_twins_loss")
-    reduce, n_total = (all_reduce_with_grad, global_batch_size(za)) if gather else (_identity, za.shape[0])
+    reduce, n_total = batch_sums(za, gather)
     a, b = _standardize_features(za, n_total, reduce), _standardize_features(zb, n_total, reduce)
     c = reduce(a.t() @ b) / n_total
     diag = torch.diagonal(c)

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._common import all_reduce_with_grad, check_embeddings, feature_stats, global_batch_size
+from ._common import batch_sums, check_embeddings, feature_stats
 
 __all__ = ["VICRegLoss", "vicreg_loss"]
 
@@ -32,17 +32,7 @@ def vicreg_loss(za: torch.Tensor, zb: torch.Tensor, sim_coeff: float = 25.0, std
                 cov_coeff: float = 1.0, gather: bool = False) -> torch.Tensor:
     """Functional VICReg loss; see the module docstring. Returns a float32 scalar."""
     check_embeddings(za, zb, "vicreg_loss")
-    if not gather:
-        return _vicreg(za, zb, sim_coeff, std_coeff, cov_coeff, za.shape[0], _identity)
-    return _vicreg(za, zb, sim_coeff, std_coeff, cov_coeff, global_batch_size(za), all_reduce_with_grad)
-
-
-def _identity(t: torch.Tensor) -> torch.Tensor:
-    return t
-
-
-def _vicreg(za, zb, sim_coeff, std_coeff, cov_coeff, n, reduce) -> torch.Tensor:
-    """The loss over a batch of ``n`` rows of which these are some: ``reduce`` sums local sums over the ranks."""
+    reduce, n = batch_sums(za, gather)
     x, y = za.float(), zb.float()
     d = x.shape[1]
     repr_loss = reduce((x - y).pow(2).sum()) / (n * d)
