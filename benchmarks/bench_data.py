@@ -507,9 +507,10 @@ _STAGES = (  # (label, stages now, stages before the rewrite)
     ("decode", ("decode",), ("decode",)),
     ("draw parameters (+ plan the rows)", ("params_plan",), ("aug_params",)),
     ("crop + resize (uint8 bicubic, antialiased) + flip", ("crop_resize_flip",), ("aug_crop_resize_flip",)),
-    ("colour jitter + grayscale", ("color_jitter_grayscale",), ("aug_color_jitter", "aug_grayscale")),
+    ("colour jitter + grayscale (fused kernels: + uint8 to float)", ("color_jitter_grayscale",),
+     ("aug_color_jitter", "aug_grayscale")),
     ("Gaussian blur", ("blur", "blur_solarize"), ("aug_blur",)),
-    ("solarize", ("solarize",), ("aug_solarize",)),
+    ("solarize (fused kernels: + float to uint8)", ("solarize",), ("aug_solarize",)),
     ("to float and back / normalise", ("to_float_and_back", "normalize_main_process"), ("aug_normalize",)),
 )
 

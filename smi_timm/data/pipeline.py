@@ -22,12 +22,23 @@ import math
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 
+from ..errors import ConfigError
 from . import ops
 from .augment import AugmentConfig, ViewParams, blur_kernel_size, draw_batch_params, resize_uint8
 
-__all__ = ["RowPlan", "plan_rows", "jitter_and_gray", "blur_and_solarize", "blur_rows", "solarize_rows", "CPUTwoView",
+try:  # the fused colour kernels of the CPU path need numba (a dependency; the torch ops remain where it is missing)
+    from . import fused_cpu
+except ImportError:  # pragma: no cover - numba not installed
+    fused_cpu = None
+
+#: Whether :class:`CPUTwoView` runs the fused (numba) colour kernels by default.
+FUSED_AVAILABLE = fused_cpu is not None
+
+__all__ = ["FUSED_AVAILABLE", "RowPlan", "plan_rows",
+           "jitter_and_gray", "blur_and_solarize", "blur_rows", "solarize_rows", "CPUTwoView",
            "DeviceTwoView", "FinishUint8", "pack_images"]
 
 _BLOCK_FLOATS = 1 << 18  # rows per CPU block: about 1 MiB of float32 pixels
@@ -231,13 +242,21 @@ class CPUTwoView:
     (2B, 3, S, S) to write into. The output is not normalised (:class:`FinishUint8` does that where the batch is
     delivered). ``profile`` (a dict) accumulates CPU seconds
     per stage when given (used by the benchmark).
+
+    ``fused`` (default: where numba is installed, :data:`FUSED_AVAILABLE`): the colour stage of each row (to float,
+    jitter, grayscale, blur, solarize, back to uint8) runs as three compiled passes over one cache-resident image
+    (:mod:`smi_timm.data.fused_cpu`); ``fused=False``: the same formulas as batched torch ops on blocks of rows.
     """
 
-    def __init__(self, augment: AugmentConfig, image_size: int):
+    def __init__(self, augment: AugmentConfig, image_size: int, fused: Optional[bool] = None):
         self.config = augment
         self.image_size = int(image_size)
         self.blur_kernel = blur_kernel_size(self.image_size, augment.blur_kernel_frac)
         self.block = max(1, _BLOCK_FLOATS // (3 * self.image_size ** 2))
+        if fused and not FUSED_AVAILABLE:
+            raise ConfigError("CPUTwoView(fused=True) needs numba, which is not installed: pip install numba, or "
+                              "pass fused=False (the same augmentation with torch ops, slower)")
+        self.fused = FUSED_AVAILABLE if fused is None else bool(fused)
 
     def __call__(self, images: Sequence[torch.Tensor], seed: int, profile: Optional[dict] = None,
                  out: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -252,6 +271,9 @@ class CPUTwoView:
         clock("crop_resize_flip")
         if out is None:
             out = torch.empty(2 * plan.batch, 3, s, s, dtype=torch.uint8)
+        if self.fused:
+            self._fused_colour(rows, plan, out, clock)
+            return out.view(2, plan.batch, 3, s, s)
         params = _colour_params(plan)
         kinds = plan.kind.tolist()
         source = plan.source.tolist()
@@ -283,6 +305,32 @@ class CPUTwoView:
                 out[source[r]].copy_(x[r - lo])
             clock("to_float_and_back")
         return out.view(2, plan.batch, 3, s, s)
+
+    def _fused_colour(self, rows: torch.Tensor, plan: RowPlan, out: torch.Tensor, clock: "_Clock") -> None:
+        """The colour stage row by row with the compiled kernels, into ``out`` (source order). The profile's
+        ``color_jitter_grayscale`` includes the conversion to float, ``solarize`` the rounding back to uint8."""
+        s, n = self.image_size, rows.shape[0]
+        target = out if out.is_contiguous() else torch.empty(out.shape, dtype=torch.uint8)
+        src = rows.numpy().reshape(n, 3, s * s)
+        dst = target.numpy().reshape(out.shape[0], 3, s * s)
+        buf = np.empty((3, s * s), dtype=np.float32)
+        tmp = np.empty_like(buf) if plan.n_blur else buf
+        line = np.empty(s + 2 * (self.blur_kernel // 2), dtype=np.float32)
+        kinds, factors, hue = plan.kind.numpy(), plan.factor.numpy(), plan.hue.numpy()
+        gray, solarize, sigma = plan.gray.tolist(), plan.solarize.tolist(), plan.sigma.numpy()
+        source = plan.source.tolist()
+        threshold = np.float32(self.config.solarize_threshold)
+        for r in range(n):
+            fused_cpu.colour_row(src[r], buf, kinds[r], factors[r], hue[r], gray[r])
+            clock("color_jitter_grayscale")
+            if r < plan.n_blur:
+                radius = fused_cpu.blur_radius(sigma[r], self.blur_kernel)
+                fused_cpu.blur_row(buf, tmp, line, s, sigma[r], radius)
+                clock("blur")
+            fused_cpu.finish_row(buf, dst[source[r]], solarize[r], threshold)
+            clock("solarize")
+        if target is not out:
+            out.copy_(target)
 
 
 def crop_resize_rows(images: Sequence[torch.Tensor], plan: RowPlan, size: int) -> torch.Tensor:
