@@ -55,7 +55,8 @@ def test_colour_row_matches_torch_ops(size, kinds, hue, gray):
     img = _image(h, w, seed=h * w)
     factors = np.array([1.4, 0.6, 1.2, 1.0], dtype=np.float32)
     buf = np.empty((3, h * w), dtype=np.float32)
-    fused_cpu.colour_row(img.view(3, -1).numpy(), buf, np.array(kinds, dtype=np.int64), factors, np.float32(hue), gray)
+    hwc = img.permute(1, 2, 0).contiguous().view(-1, 3).numpy()  # the rows are channels last
+    fused_cpu.colour_row(hwc, buf, np.array(kinds, dtype=np.int64), factors, np.float32(hue), gray)
     ref = _torch_steps(img.float().unsqueeze(0) / 255, kinds, factors, hue, gray)[0]
     assert torch.allclose(torch.from_numpy(buf).view(3, h, w), ref, atol=2e-6, rtol=0)
 
@@ -92,6 +93,41 @@ def test_fused_and_torch_cpu_paths_agree(preset, size):
     out = torch.empty(3, 3, size, size, 2 * len(imgs), dtype=torch.uint8).permute(4, 0, 1, 2, 3)[:, 0]
     CPUTwoView(cfg, size, fused=True)(imgs, seed=4, out=out)
     assert torch.equal(out.reshape(fused.shape), fused)
+
+
+def test_normalize_rows_matches_normalize_into():
+    from smi_timm.data.pipeline import FinishUint8
+
+    cfg = get_augment_config("byol")
+    u8 = torch.randint(0, 256, (2, 5, 3, 9, 11), dtype=torch.uint8)
+    a, b = FinishUint8(cfg, "cpu")(u8)
+    gain, bias = ops.normalize_constants(cfg.mean, cfg.std, "cpu", scale=1.0 / 255.0)
+    for got, view in ((a, u8[0]), (b, u8[1])):
+        ref = ops.normalize_into(view, gain, bias, torch.empty(view.shape))
+        assert got.is_contiguous() and torch.allclose(got, ref, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("layout", ["planar", "channels_last"])
+def test_crop_resize_stays_on_the_uint8_kernel(layout, monkeypatch):
+    """Planar and interleaved images, mirrored or not, all go through torch's uint8 kernel into the channels-last
+    rows (no silent fallback to the float resize; it once switched itself off for good after one refused call)."""
+    from smi_timm.data import augment
+    from smi_timm.data.augment import draw_batch_params
+    from smi_timm.data.pipeline import crop_resize_rows, plan_rows
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("fell back to the float resize")
+
+    monkeypatch.setattr(augment.F, "interpolate", refuse)
+    imgs = [_image(40 + 5 * i, 61 - 3 * i, seed=i) for i in range(6)]
+    if layout == "channels_last":
+        imgs = [im.permute(1, 2, 0).contiguous().permute(2, 0, 1) for im in imgs]  # as decode_jpeg returns them
+    cfg = get_augment_config("byol")
+    hw = torch.tensor([im.shape[1:] for im in imgs])
+    plan = plan_rows(cfg, *draw_batch_params(cfg, hw[:, 0], hw[:, 1], seed=1), order="kinds")
+    assert plan.flip.any() and not plan.flip.all()
+    rows = crop_resize_rows(imgs, plan, 33)
+    assert rows.is_contiguous(memory_format=torch.channels_last) and augment._has_uint8_bicubic_aa()
 
 
 def test_fused_is_the_default_where_numba_is_installed():

@@ -245,24 +245,34 @@ def draw_batch_params(cfg: AugmentConfig, heights: torch.Tensor, widths: torch.T
 _UINT8_BICUBIC_AA: Optional[bool] = None
 
 
+def _has_uint8_bicubic_aa() -> bool:
+    """Whether this torch has the uint8 antialiased bicubic kernel (CPU, torch >= 2.1): probed once, on a tiny
+    tensor, so that an error of one later call (a layout the kernel refuses) cannot switch it off for good."""
+    global _UINT8_BICUBIC_AA
+    if _UINT8_BICUBIC_AA is None:
+        try:
+            torch.ops.aten._upsample_bicubic2d_aa(torch.zeros(1, 3, 4, 4, dtype=torch.uint8), [2, 2], False)
+            _UINT8_BICUBIC_AA = True
+        except (RuntimeError, NotImplementedError, AttributeError):
+            _UINT8_BICUBIC_AA = False
+    return _UINT8_BICUBIC_AA
+
+
 def resize_uint8(x: torch.Tensor, size: Tuple[int, int], out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Bicubic antialiased resize of a uint8 (1, C, h, w) tensor to uint8 (1, C, *size), into ``out`` when given.
 
-    Uses torch's uint8 kernel where it exists (CPU, torch >= 2.1; rounds like PIL), else resizes in float and rounds.
+    Uses torch's uint8 kernel where it exists (CPU, torch >= 2.1; rounds like PIL), else resizes in float and rounds
+    (also for a call the kernel refuses, e.g. planar input into a channels-last ``out``).
     """
-    global _UINT8_BICUBIC_AA
     size = [int(size[0]), int(size[1])]
-    if _UINT8_BICUBIC_AA is not False:
+    if _has_uint8_bicubic_aa():
         try:
             # The aten op directly: F.interpolate's Python checks cost as much as the kernel on 32 px images.
             if out is None:
-                res = torch.ops.aten._upsample_bicubic2d_aa(x, size, False)
-            else:
-                res = torch.ops.aten._upsample_bicubic2d_aa.out(x, size, False, None, None, out=out)
-            _UINT8_BICUBIC_AA = True
-            return res
-        except (RuntimeError, NotImplementedError, AttributeError):
-            _UINT8_BICUBIC_AA = False
+                return torch.ops.aten._upsample_bicubic2d_aa(x, size, False)
+            return torch.ops.aten._upsample_bicubic2d_aa.out(x, size, False, None, None, out=out)
+        except RuntimeError:
+            pass
     res = F.interpolate(x.float(), size=size, mode="bicubic", antialias=True, align_corners=False)
     res = res.round_().clamp_(0, 255).to(torch.uint8)
     return res if out is None else out.copy_(res)

@@ -22,7 +22,7 @@ import math
 import numba
 import numpy as np
 
-__all__ = ["colour_row", "blur_row", "finish_row", "blur_radius"]
+__all__ = ["colour_row", "blur_row", "finish_row", "normalize_rows", "blur_radius"]
 
 _F = np.float32
 _ZERO, _ONE, _INV255, _SIX = _F(0.0), _F(1.0), _F(1.0 / 255.0), _F(6.0)
@@ -41,10 +41,12 @@ def _clamp01(v):
 
 @_jit
 def _to_float(src, buf):
-    for c in range(3):
-        s, d = src[c], buf[c]
-        for i in range(s.shape[0]):
-            d[i] = _F(s[i]) * _INV255
+    """uint8 pixels (P, 3), channels last (as the uint8 resize writes them fastest) -> float planes (3, P)."""
+    r, g, b = buf[0], buf[1], buf[2]
+    for i in range(src.shape[0]):
+        r[i] = _F(src[i, 0]) * _INV255
+        g[i] = _F(src[i, 1]) * _INV255
+        b[i] = _F(src[i, 2]) * _INV255
 
 
 @_jit_sum
@@ -118,7 +120,7 @@ def _grayscale(buf):
 
 @_jit
 def colour_row(src, buf, kinds, factors, hue, gray):
-    """One row's colour stage: uint8 (3, P) ``src`` -> float32 (3, P) ``buf`` in [0, 1], then the jitter steps
+    """One row's colour stage: uint8 (P, 3) ``src`` -> float32 (3, P) ``buf`` in [0, 1], then the jitter steps
     ``kinds`` (op codes of :mod:`smi_timm.data.ops`; others are no-ops) with ``factors``, the hue shift ``hue``, and
     grayscale where ``gray``."""
     _to_float(src, buf)
@@ -177,22 +179,34 @@ def blur_row(buf, tmp, line, size, sigma, radius):
                 line[j] = row[_reflect(j - radius, size)]
                 line[radius + size + j] = row[_reflect(size + j, size)]
             for x in range(size):
-                out[x] = _ZERO
-            for t in range(taps):
-                wt, taps_in = w[t], line[t:t + size]
+                out[x] = w[radius] * line[radius + x]
+            for t in range(radius):  # the kernel is symmetric: one weight for the two taps t and taps - 1 - t
+                wt, left, right = w[t], line[t:t + size], line[taps - 1 - t:taps - 1 - t + size]
                 for x in range(size):
-                    out[x] += wt * taps_in[x]
+                    out[x] += wt * (left[x] + right[x])
         # along the column: whole rows at reflected row indices. Row slices, not offsets into the plane: indices
         # that numba cannot prove non-negative get a wrap-around check, which stops the loop from vectorising.
         for y in range(size):
             out = src[y * size:(y + 1) * size]
+            centre = dst[y * size:(y + 1) * size]
             for x in range(size):
-                out[x] = _ZERO
-            for t in range(taps):
-                o = _reflect(y + t - radius, size) * size
-                wt, rows_in = w[t], dst[o:o + size]
+                out[x] = w[radius] * centre[x]
+            for t in range(radius):
+                a, b = _reflect(y + t - radius, size) * size, _reflect(y + radius - t, size) * size
+                wt, up, down = w[t], dst[a:a + size], dst[b:b + size]
                 for x in range(size):
-                    out[x] += wt * rows_in[x]
+                    out[x] += wt * (up[x] + down[x])
+
+
+@_jit
+def normalize_rows(src, gain, bias, out):
+    """``out = src * gain[c] + bias[c]`` per channel: uint8 (n, 3, P) -> float32 (n, 3, P), one pass (the CPU
+    path's normalisation where batches are delivered, :class:`smi_timm.data.pipeline.FinishUint8`)."""
+    for n in range(src.shape[0]):
+        for c in range(3):
+            s, d, k, a = src[n, c], out[n, c], gain[c], bias[c]
+            for i in range(s.shape[0]):
+                d[i] = _F(s[i]) * k + a
 
 
 @_jit

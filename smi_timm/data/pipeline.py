@@ -281,7 +281,7 @@ class CPUTwoView:
         group = max(self.block, _BLUR_ROWS)
         bounds = sorted(set(list(range(0, nb, group)) + list(range(nb, n, group)) + [n]))
         for lo, hi in zip(bounds[:-1], bounds[1:]):  # blurred rows in groups (batched conv), then the others
-            x = rows[lo:hi].to(torch.float32).mul_(1.0 / 255.0)
+            x = rows[lo:hi].to(torch.float32, memory_format=torch.contiguous_format).mul_(1.0 / 255.0)
             clock("to_float_and_back")
             a = lo
             while a < hi:  # runs of rows with the same jitter ops, at most a cache-sized block each
@@ -311,7 +311,7 @@ class CPUTwoView:
         ``color_jitter_grayscale`` includes the conversion to float, ``solarize`` the rounding back to uint8."""
         s, n = self.image_size, rows.shape[0]
         target = out if out.is_contiguous() else torch.empty(out.shape, dtype=torch.uint8)
-        src = rows.numpy().reshape(n, 3, s * s)
+        src = rows.permute(0, 2, 3, 1).numpy().reshape(n, s * s, 3)  # channels last: a view
         dst = target.numpy().reshape(out.shape[0], 3, s * s)
         buf = np.empty((3, s * s), dtype=np.float32)
         tmp = np.empty_like(buf) if plan.n_blur else buf
@@ -335,10 +335,14 @@ class CPUTwoView:
 
 def crop_resize_rows(images: Sequence[torch.Tensor], plan: RowPlan, size: int) -> torch.Tensor:
     """Crop each row's box out of its image, mirror it where the plan says, resize to ``size`` (uint8 antialiased
-    bicubic): uint8 (2B, 3, size, size) in processing order. Mirroring the small crop before the (mirror-symmetric)
-    resize equals mirroring the output."""
+    bicubic): uint8 (2B, 3, size, size) in processing order, channels-last layout. Mirroring the small crop before the
+    (mirror-symmetric) resize equals mirroring the output.
+
+    Channels last is what torch's vectorised uint8 kernel writes fastest (1.5x against planes at 224 px); decoded
+    JPEGs are channels last already, planar crops are made so first (the kernel refuses planar input into a
+    channels-last output)."""
     n = plan.source.numel()
-    out = torch.empty(n, 3, size, size, dtype=torch.uint8)
+    out = torch.empty(n, 3, size, size, dtype=torch.uint8, memory_format=torch.channels_last)
     for r, (img_idx, box, flip) in enumerate(zip(plan.image.tolist(), plan.boxes.tolist(), plan.flip.tolist())):
         t, left, h, w = box
         crop = images[img_idx][:, t:t + h, left:left + w]
@@ -346,8 +350,11 @@ def crop_resize_rows(images: Sequence[torch.Tensor], plan: RowPlan, size: int) -
             crop = crop.flip(-1)
         if h == size and w == size:
             out[r].copy_(crop)
-        else:
-            resize_uint8(crop.unsqueeze(0), (size, size), out=out[r:r + 1])
+            continue
+        crop = crop.unsqueeze(0)
+        if crop.stride(1) != 1:  # planar (e.g. PIL-decoded): the channels-last kernel wants interleaved input
+            crop = crop.contiguous(memory_format=torch.channels_last)
+        resize_uint8(crop, (size, size), out=out[r:r + 1])
     return out
 
 
@@ -394,6 +401,11 @@ class FinishUint8:
         """One view, normalised in blocks of rows of about 1 MiB: the second and third of normalize_into's passes then
         read the cache, not memory (3x on a 224-px batch)."""
         out = self._empty(*u8.shape)
+        if FUSED_AVAILABLE and out.dtype == torch.float32 and out.is_contiguous() and u8.is_contiguous():
+            n, c = u8.shape[:2]
+            fused_cpu.normalize_rows(u8.numpy().reshape(n, c, -1), self.gain.view(-1).numpy(),
+                                     self.bias.view(-1).numpy(), out.numpy().reshape(n, c, -1))
+            return out
         step = max(1, _BLOCK_FLOATS // max(1, u8[0].numel())) if len(u8) else 1
         for i in range(0, len(u8), step):
             ops.normalize_into(u8[i:i + step], self.gain, self.bias, out[i:i + step])
