@@ -8,9 +8,10 @@ then run on row slices whose bounds are host integers; the cheap choices (bright
 step, grayscale, solarize) are masks. No per-sample decision ever needs a value from the device.
 
 * :class:`CPUTwoView` runs in the loader workers: per-row uint8 crop + antialiased bicubic resize (torch's uint8
-  kernel), then the colour ops on float blocks of about 1 MiB (cache-sized), then back to uint8. Batches cross
-  process boundaries as uint8 (4x less than float32); normalisation is the last step, in the training process
-  (:class:`FinishUint8`), on the device the batches are delivered to.
+  kernel, channels last), then per row the colour stage as three compiled passes over one cache-resident float
+  image (:mod:`smi_timm.data.fused_cpu`, numba; without numba the same formulas as torch ops on float blocks of about
+  1 MiB), then back to uint8. Batches cross process boundaries as uint8 (4x less than float32); normalisation is the
+  last step, in the training process (:class:`FinishUint8`), on the device the batches are delivered to.
 * :class:`DeviceTwoView` runs in the training process on the device that receives the batches: decoded images of
   any sizes are packed into one flat buffer, every row's crop is cut out with one gather and resized with two
   batched matrix products (a few size-sorted chunks bound the padding), the colour ops run on the whole batch, and
