@@ -244,7 +244,7 @@ def profile_stages(urls, preset: str, image_size: int, batch_size: int, batches:
     imgs = [decode_image(b, stats, max(1024, 4 * image_size)) for b in raw]
     t_decode = clock() - t0
     aug, finish = CPUTwoView(cfg, image_size), FinishUint8(cfg, "cpu")
-    aug(imgs[:batch_size], 0)  # warm-up
+    finish(aug(imgs[:batch_size], 0))  # warm-up (and the one-time load of compiled kernels, where there are any)
     prof: dict = {}
     views = []
     t0 = clock()
