@@ -23,7 +23,9 @@ before / after ratios; without it the ratios are against the issue's stated base
 <= 0.10 ms and >= 17x / 20x / 35x faster than the fused loss of 2026-11-28 (1.72 ms on an H200), the torch
 reference and Barlow Twins; N=4096, D=8192 bf16 <= 1.10x three bare GEMMs of the same shapes; the streaming
 (N=16384, D=8192 bf16) and dense (N=4096, D=8192 bf16) peak memory within 5% of the memory model. It prints every
-ratio with pass / fail and writes FILE.json and FILE.md (a markdown table).
+ratio with pass / fail and writes FILE.json and FILE.md (a markdown table). It also measures the host time with the
+real launches and ``gather=True``'s work per rank on the one GPU: the local rows (256 rows against the W·256 gathered
+columns, W = 8 and 32, D = 8192 bf16) against the full (W·256)² matrix each rank formed before local rows.
 
 ``--sweep`` measures the cost model of ``benchmarks/_cost_model.py`` (its docstring has the formulas): forward +
 backward time and peak memory of SMI (torch path), Barlow Twins and SimCLR over N at D = 2048 and 8192 (one CPU
@@ -337,6 +339,34 @@ def _timed(n, d, names, device, repeats):
     return out
 
 
+#: gather=True on one device: (rows per rank n, D, world sizes W) of the --gpu-check and of the CPU smoke run.
+GATHER_SIZES = {False: (256, 8192, (8, 32)), True: (8, 32, (2, 4))}
+
+
+def _local_rows_check(device, n, d, worlds, repeats):
+    """``gather=True``'s work per rank on one device: forward + backward of the local rows (rank 0's n rows against
+    all W·n gathered columns, ``smi_loss_triton(..., row0=0)``, what each rank runs) against the full (W·n)² matrix
+    that every rank formed before local rows. The all-gather itself is not in it (one device); the ratio should be
+    close to W where the matrix products dominate."""
+    from smi_timm.kernels import smi_loss_triton
+
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    out = []
+    for w in worlds:
+        za_all, zb_all = _inputs(w * n, d, dtype, device)
+        za_rows = za_all[:n].detach().clone().requires_grad_()
+        local = _fwd_bwd(lambda a, b: smi_loss_triton(a, b, row0=0), za_rows, zb_all)
+        full = _fwd_bwd(smi_loss_triton, za_all, zb_all)
+        row = {"W": w, "n": n, "D": d, "local_ms": time_ms(local, device, repeats),
+               "full_ms": time_ms(full, device, repeats)}
+        row["full_over_local"] = _ratio(row["full_ms"], row["local_ms"])
+        out.append(row)
+        del za_all, zb_all, za_rows, local, full
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    return out
+
+
 def _peak_check(n, d, streaming, block_rows, device):
     """Measured peak bytes of one forward + backward against the memory model (CUDA only)."""
     from smi_timm.kernels import smi_dense_peak_bytes, smi_loss_triton, smi_streaming_peak_bytes
@@ -377,6 +407,7 @@ def run_check(args, smoke):
          "stream": _peak_check(*sizes["stream"][:2], True, sizes["stream"][2], device),
          "dense": _peak_check(*sizes["dense"], False, None, device)}
     m["host"] = _host_on_device(device, *sizes["small"])
+    m["gather"] = _local_rows_check(device, *GATHER_SIZES[smoke], repeats)
     m["dtype"] = "bf16" if device == "cuda" else "fp32"
     if device == "cuda":  # where the GPU time goes, for whoever reads a failed target
         m["kernels_us"] = {f"N={n}": _kernel_breakdown(n, d) for n, d in (sizes["small"], sizes["large"])}
@@ -483,6 +514,10 @@ def _check_markdown(m, targets, device):
         lines.append(f"| {key} N={c['N']}, D={c['D']}: peak MiB / model MiB | {_fmt(peak, 1)} / "
                      f"{c['model_bytes'] / 2 ** 20:.1f} |")
     lines.append(f"| host CPU us per fwd+bwd, real launches ({device}) | {_fmt(m['host']['cpu_us'], 1)} |")
+    for g in m.get("gather", []):
+        lines.append(f"| gather=True, W={g['W']}, n={g['n']} per rank, D={g['D']}: local rows / full matrix ms "
+                     f"(full / local) | {_fmt(g['local_ms'], 3)} / {_fmt(g['full_ms'], 3)} "
+                     f"({_fmt(g['full_over_local'], 1)}×) |")
     for shape, kernels in m.get("kernels_us", {}).items():
         for name, us in sorted(kernels.items(), key=lambda kv: -kv[1])[:6]:
             lines.append(f"| {shape}: GPU us per fwd+bwd in {name[:60]} | {us:.1f} |")
