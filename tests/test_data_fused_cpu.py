@@ -132,3 +132,23 @@ def test_crop_resize_stays_on_the_uint8_kernel(layout, monkeypatch):
 
 def test_fused_is_the_default_where_numba_is_installed():
     assert FUSED_AVAILABLE and CPUTwoView(get_augment_config("byol"), 32).fused
+
+
+def test_without_numba_the_torch_ops_run(monkeypatch):
+    """Where numba is missing (``FUSED_AVAILABLE`` false) the CPU path and the normalisation use the torch ops, and
+    asking for the fused kernels says what to install."""
+    from smi_timm.data import pipeline
+    from smi_timm.errors import ConfigError
+
+    cfg = get_augment_config("byol")
+    imgs = [_image(40 + 5 * i, 61 - 3 * i, seed=i) for i in range(4)]
+    fused_views = pipeline.FinishUint8(cfg, "cpu")(CPUTwoView(cfg, 33)(imgs, seed=2))
+    monkeypatch.setattr(pipeline, "FUSED_AVAILABLE", False)
+    with pytest.raises(ConfigError, match="pip install numba"):
+        CPUTwoView(cfg, 33, fused=True)
+    aug = CPUTwoView(cfg, 33)
+    assert not aug.fused
+    plain_views = pipeline.FinishUint8(cfg, "cpu")(aug(imgs, seed=2))
+    std = torch.tensor(cfg.std).view(1, 3, 1, 1) * 255
+    for a, b in zip(fused_views, plain_views):
+        assert ((a - b).abs() * std).max() <= 1.0 + 1e-3

@@ -19,6 +19,7 @@ step, grayscale, solarize) are masks. No per-sample decision ever needs a value 
 """
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
@@ -32,8 +33,9 @@ from .augment import AugmentConfig, ViewParams, blur_kernel_size, draw_batch_par
 
 try:  # the fused colour kernels of the CPU path need numba (a dependency; the torch ops remain where it is missing)
     from . import fused_cpu
-except ImportError:  # pragma: no cover - numba not installed
+except (ImportError, RuntimeError) as _exc:  # pragma: no cover - no numba, or numba finds no writable cache folder
     fused_cpu = None
+    logging.getLogger(__name__).info("CPU augmentation without the fused kernels (%s): torch ops instead", _exc)
 
 #: Whether :class:`CPUTwoView` runs the fused (numba) colour kernels by default.
 FUSED_AVAILABLE = fused_cpu is not None
