@@ -10,10 +10,12 @@ cache, instead of the dozens of whole-tensor torch ops of the same formulas (:mo
 * :func:`finish_row`: solarize, ``round(255 * x)`` (half to even, as ``torch.round``) and the uint8 store into the
   row's place in the output batch.
 
+:func:`normalize_rows` is the normalisation where batches are delivered (one pass instead of three).
+
 The formulas are those of :mod:`smi_timm.data.ops` in the same float32 order (the tests compare the two paths);
 sums run in float64. FFCV compiles its augmentations with numba in the same way. Kernels are compiled on first use
 and cached on disk (numba's ``cache=True``), so a loader worker compiles nothing after the first run on a machine.
-Import this module only where numba is installed (:data:`AVAILABLE` in :mod:`smi_timm.data.pipeline` says so).
+Import this module only where numba is installed (:data:`smi_timm.data.pipeline.FUSED_AVAILABLE` says so).
 """
 from __future__ import annotations
 
@@ -22,13 +24,15 @@ import math
 import numba
 import numpy as np
 
+from . import ops
+
 __all__ = ["colour_row", "blur_row", "finish_row", "normalize_rows", "blur_radius"]
 
 _F = np.float32
 _ZERO, _ONE, _INV255, _SIX = _F(0.0), _F(1.0), _F(1.0 / 255.0), _F(6.0)
-_W0, _W1, _W2 = _F(0.2989), _F(0.587), _F(0.114)  # ITU-R 601-2 luma (smi_timm.data.ops.GRAY_WEIGHTS)
+_W0, _W1, _W2 = (_F(w) for w in ops.GRAY_WEIGHTS)  # ITU-R 601-2 luma
 _TINY = _F(1e-12)
-_BRIGHTNESS, _CONTRAST, _SATURATION, _HUE = 0, 1, 2, 3  # smi_timm.data.ops op codes
+_BRIGHTNESS, _CONTRAST, _SATURATION, _HUE = ops.BRIGHTNESS, ops.CONTRAST, ops.SATURATION, ops.HUE
 
 _jit = numba.njit(cache=True, nogil=True, boundscheck=False)
 _jit_sum = numba.njit(cache=True, nogil=True, boundscheck=False, fastmath={"reassoc"})  # a sum in any order
