@@ -621,7 +621,10 @@ def phase_transfer(args, preset):
 def phase_spatial(args, preset):
     """Spatial concentration of the last feature map of each method's seed-0 final backbone (largest budget) and of
     the random-init floor, on the transfer test images at ``spatial_size`` px: ``OUT/spatial/spatial.json`` and
-    ``spatial.png`` (:func:`smi_timm.spatial.run_spatial`)."""
+    ``spatial.png`` (:func:`smi_timm.spatial.run_spatial`). Each backbone row names its ``run_id``; the rows of an
+    earlier ``spatial.json`` whose backbone has been removed since are kept (``"kept": true``; the plot shows the
+    backbones measured now)."""
+    from smi_timm.layout import write_json_atomic
     from smi_timm.spatial import run_spatial
 
     _, test = transfer_splits(args)
@@ -629,21 +632,40 @@ def phase_spatial(args, preset):
     if not finals:
         raise SystemExit("no final-run export in --out; run --phase final first")
     budget = max(r["steps"] for r, _ in finals)
-    sources, labels = [], []
+    sources, labels, run_ids = [], [], []
     for method in args.methods:
         mine = [(r, e) for r, e in finals if r["method"] == method and r["steps"] == budget]
-        for r, e in mine:  # a method at two settings (e.g. each criterion's choice): the settings name them apart
+        for r, e in mine:  # a method at several settings (a trial, each criterion's choice): the settings name them
             sources.append(str(e))
             labels.append(method if len(mine) == 1 else f"{method} ({settings_text(r['lr'], r['extra'])})")
+            run_ids.append(r["run_id"])
     t = preset["train"]
     sources.append("random")
     labels.append("random init")
-    res = run_spatial(sources, test, Path(args.out) / "spatial", labels=labels, image_size=preset["spatial_size"],
+    out = Path(args.out) / "spatial"
+    earlier = json.loads((out / "spatial.json").read_text())["backbones"] if (out / "spatial.json").is_file() else []
+    res = run_spatial(sources, test, out, labels=labels, image_size=preset["spatial_size"],
                       num_samples=preset.get("spatial_samples", 256), model=t["model"], cifar_stem=t["cifar_stem"],
                       workers=t["workers"])
-    for b in res["backbones"]:
+    for b, rid in zip(res["backbones"], run_ids + [None]):
+        b["run_id"] = rid
         print(f"[spatial] {b['label']}: map {b['map_size']}, norm top-20% mass {b['norm']['top_mass']:.3f}, "
               f"entropy {b['norm']['entropy']:.3f}", flush=True)
+    kept = [dict(b, run_id=spatial_run_id(b), kept=True) for b in earlier
+            if spatial_run_id(b) not in run_ids + [None] and not export_dir(args.out, spatial_run_id(b)).is_dir()]
+    if kept:
+        print(f"[spatial] kept {len(kept)} earlier row(s) whose backbone is gone: "
+              f"{', '.join(b['label'] for b in kept)}", flush=True)
+        res["backbones"] = res["backbones"][:-1] + kept + res["backbones"][-1:]
+        write_json_atomic(out / "spatial.json", res, sort_keys=False)
+
+
+def spatial_run_id(row: Dict[str, Any]) -> Optional[str]:
+    """The harness run a row of ``spatial.json`` measured (``None``: the random-init floor); rows written before
+    they named it are identified by their export folder, ``OUT/train/RUN_ID/export``."""
+    if "run_id" in row:
+        return row["run_id"]
+    return None if row["weights"].startswith("random") else Path(row["weights"]).parent.name
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -937,7 +959,7 @@ def _trial_table(args, preset, test, transfer, out: Path) -> List[str]:
     spatial = {}
     path = out / "spatial" / "spatial.json"
     if path.is_file():
-        spatial = {b["label"]: b["norm"]["top_mass"] for b in json.loads(path.read_text())["backbones"]}
+        spatial = {spatial_run_id(b): b["norm"]["top_mass"] for b in json.loads(path.read_text())["backbones"]}
     lines = [f"## SMI's reading on trial: {preset['final_steps']} steps, test split (mean ± std over seeds)", "",
              "Metrics on the test images' backbone features: RankMe; alignment (L2-normalised) and its centred form; "
              "cross-view correlation (mean over features of the Pearson correlation of the two views); flowers12: "
@@ -949,8 +971,7 @@ def _trial_table(args, preset, test, transfer, out: Path) -> List[str]:
         m = {f: mean_std([_metric(r, "test_metrics", f) for r in rs])
              for f in ("rankme", "alignment", "alignment_centered", "cross_view_corr")}
         flowers = mean_std(_flowers_linear(transfer, [r["run_id"] for r in rs]))
-        label = f"{rs[0]['method']} ({settings_text(rs[0]['lr'], rs[0]['extra'])})"
-        sp = spatial.get(label, spatial.get(rs[0]["method"]))
+        sp = next((spatial[r["run_id"]] for r in rs if r["seed"] == 0 and r["run_id"] in spatial), None)
         lines.append(f"| {name} | {settings_text(rs[0]['lr'], rs[0]['extra'])} | {len(rs)} | "
                      f"{mean_std([r['knn200_top1'] for r in rs])} | {mean_std([r['linear_top1'] for r in rs])} | "
                      f"{m['rankme']} | {m['alignment']} | {m['alignment_centered']} | {m['cross_view_corr']} | "

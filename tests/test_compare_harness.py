@@ -254,6 +254,51 @@ def test_transfer_phase_every_final_export_and_the_floor(harness, tmp_path, monk
         harness.phase_transfer(_ns(out, transfer_dir=str(tmp_path / "missing")), harness.PRESETS["cpu"])
 
 
+def test_spatial_phase_keeps_rows_of_removed_backbones_and_the_trial_reads_them_by_run(harness, tmp_path,
+                                                                                        monkeypatch):
+    import smi_timm.spatial as spatial
+
+    tdir = tmp_path / "flowers"
+    tdir.mkdir()
+    for split in ("train", "test"):
+        (tdir / f"{split}-000000.tar").write_bytes(b"")
+    out = tmp_path / "out"
+    default, w16 = {"neg_weight": 64.0, "eps": 1e-3}, {"neg_weight": 16.0, "eps": 1e-3}
+    gone, here = _trial_record("smi", 0, default, 47.0, 52.0), _trial_record("smi", 0, w16, 44.0, 51.0)
+    for r in (gone, here):
+        _write(out, f"{r['run_id']}_test", r)
+    harness.export_dir(out, here["run_id"]).mkdir(parents=True)
+    # written before rows named their run: the default's export was removed since, a third run's too
+    row = lambda label, weights, mass: dict(label=label, weights=weights, map_size=[4, 4],  # noqa: E731
+                                            uniform_top_mass=0.25, norm=dict(top_mass=mass, top_mass_std=0.0,
+                                                                             entropy=0.9, entropy_std=0.0),
+                                            cosine=dict(top_mass=mass, top_mass_std=0.0, entropy=0.9, entropy_std=0.0))
+    (out / "spatial").mkdir()
+    (out / "spatial" / "spatial.json").write_text(json.dumps(dict(backbones=[
+        row("smi (lr 1, eps 0.001, neg_weight 64)", f"OUT/train/{gone['run_id']}/export", 0.33),
+        row("smi (lr 1, eps 0.001, neg_weight 16)", f"OUT/train/{here['run_id']}/export", 0.99),
+        row("random init", "random (seed 0)", 0.37)])))
+    seen = []
+
+    def fake(sources, data, out_dir, *, labels, **kw):
+        seen.append(list(sources))
+        res = dict(image_size=128, num_images=240, top_frac=0.2,
+                   backbones=[row(lb, src, m) for lb, src, m in zip(labels, sources, (0.30, 0.36))])
+        (Path(out_dir) / "spatial.json").write_text(json.dumps(res))
+        return res
+
+    monkeypatch.setattr(spatial, "run_spatial", fake)
+    args = _ns(out, transfer_dir=str(tdir), preset="cpu", methods=["smi"])
+    harness.phase_spatial(args, harness.PRESETS["cpu"])
+    assert seen == [[str(harness.export_dir(out, here["run_id"])), "random"]]
+    rows = json.loads((out / "spatial" / "spatial.json").read_text())["backbones"]
+    assert [(b["run_id"], b["norm"]["top_mass"], b.get("kept", False)) for b in rows] == [
+        (here["run_id"], 0.30, False), (gone["run_id"], 0.33, True), (None, 0.36, False)]
+    table = "\n".join(harness._trial_table(args, harness.PRESETS["cpu"], harness.load_records(out, "test"), [], out))
+    assert "| smi | lr 1, eps 0.001, neg_weight 64 | 1 | 47.00 |" in table and "| – | 0.330 |" in table
+    assert "| smi-w16 | lr 1, eps 0.001, neg_weight 16 | 1 | 44.00 |" in table and "| – | 0.300 |" in table
+
+
 def test_run_settings_extra_overrides_method(harness):
     preset = harness.PRESETS["cpu"]
     s = harness.run_settings(preset, "smi", {"neg_weight": 64.0, "eps": 1e-3, "projector": "512-512"})
