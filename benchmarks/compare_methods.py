@@ -633,12 +633,15 @@ def phase_spatial(args, preset):
         raise SystemExit("no final-run export in --out; run --phase final first")
     budget = max(r["steps"] for r, _ in finals)
     sources, labels, run_ids = [], [], []
+    runs = [r for r in load_records(Path(args.out), "test") if r["seed"] == 0 and r["steps"] == budget]
     for method in args.methods:
-        mine = [(r, e) for r, e in finals if r["method"] == method and r["steps"] == budget]
-        for r, e in mine:  # a method at several settings (a trial, each criterion's choice): the settings name them
-            sources.append(str(e))
-            labels.append(method if len(mine) == 1 else f"{method} ({settings_text(r['lr'], r['extra'])})")
-            run_ids.append(r["run_id"])
+        # a method run at several settings (a trial, each criterion's choice), exported or not: the settings name them
+        named = sum(r["method"] == method for r in runs) > 1
+        for r, e in finals:
+            if r["method"] == method and r["steps"] == budget:
+                sources.append(str(e))
+                labels.append(f"{method} ({settings_text(r['lr'], r['extra'])})" if named else method)
+                run_ids.append(r["run_id"])
     t = preset["train"]
     sources.append("random")
     labels.append("random init")
