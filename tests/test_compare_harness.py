@@ -386,6 +386,8 @@ def test_default_rule_and_the_trial_and_batch_tables(harness, tmp_path):
     assert rule["linear_top1"]["passes"] is False and rule["becomes_default"] is False
     good = harness.default_rule(recs["smi"], recs["smi-w16"], [])  # no transfer yet: not decided
     assert good["becomes_default"] is None
+    # a probe that fails over 2 seeds decides without flowers12
+    assert harness.default_rule(recs["smi"], recs["feature_row"], [])["becomes_default"] is False
     assert harness.default_rule(recs["smi"], recs["smi-w16"][:1], transfer)["becomes_default"] is None
     # the report's sections from the records on disk: the trial's mean ± std, the rule, the batch-size table
     batch = _trial_record("smi", 0, dict(default, batch_size=32, warmup_steps=400), 40.0, 45.0, steps=16000)
