@@ -654,13 +654,13 @@ def phase_spatial(args, preset):
         b["run_id"] = rid
         print(f"[spatial] {b['label']}: map {b['map_size']}, norm top-20% mass {b['norm']['top_mass']:.3f}, "
               f"entropy {b['norm']['entropy']:.3f}", flush=True)
-    kept = [dict(b, run_id=spatial_run_id(b), kept=True) for b in earlier
-            if spatial_run_id(b) not in run_ids + [None] and not export_dir(args.out, spatial_run_id(b)).is_dir()]
+    kept = [dict(b, run_id=rid, kept=True) for b, rid in ((b, spatial_run_id(b)) for b in earlier)
+            if rid not in run_ids + [None] and not export_dir(args.out, rid).is_dir()]
     if kept:
         print(f"[spatial] kept {len(kept)} earlier row(s) whose backbone is gone: "
               f"{', '.join(b['label'] for b in kept)}", flush=True)
-        res["backbones"] = res["backbones"][:-1] + kept + res["backbones"][-1:]
-        write_json_atomic(out / "spatial.json", res, sort_keys=False)
+    res["backbones"] = res["backbones"][:-1] + kept + res["backbones"][-1:]
+    write_json_atomic(out / "spatial.json", res, sort_keys=False)  # the rows now name their run
 
 
 def spatial_run_id(row: Dict[str, Any]) -> Optional[str]:

@@ -294,6 +294,12 @@ def test_spatial_phase_keeps_rows_of_removed_backbones_and_the_trial_reads_them_
     rows = json.loads((out / "spatial" / "spatial.json").read_text())["backbones"]
     assert [(b["run_id"], b["norm"]["top_mass"], b.get("kept", False)) for b in rows] == [
         (here["run_id"], 0.30, False), (gone["run_id"], 0.33, True), (None, 0.36, False)]
+    (out / "spatial" / "spatial.json").unlink()  # nothing earlier to keep: the rows on disk still name their run
+    harness.phase_spatial(args, harness.PRESETS["cpu"])
+    rows = json.loads((out / "spatial" / "spatial.json").read_text())["backbones"]
+    assert [b["run_id"] for b in rows] == [here["run_id"], None]
+    (out / "spatial" / "spatial.json").write_text(json.dumps(dict(backbones=rows + [
+        row("smi (lr 1, eps 0.001, neg_weight 64)", f"OUT/train/{gone['run_id']}/export", 0.33)])))
     table = "\n".join(harness._trial_table(args, harness.PRESETS["cpu"], harness.load_records(out, "test"), [], out))
     assert "| smi | lr 1, eps 0.001, neg_weight 64 | 1 | 47.00 |" in table and "| – | 0.330 |" in table
     assert "| smi-w16 | lr 1, eps 0.001, neg_weight 16 | 1 | 44.00 |" in table and "| – | 0.300 |" in table
