@@ -3,6 +3,7 @@ are long), and its transfer phase with the evaluation stubbed."""
 import argparse
 import importlib.util
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -407,3 +408,40 @@ def test_default_rule_and_the_trial_and_batch_tables(harness, tmp_path):
     assert lines[2:] == ["| configuration | batch 32 | batch 128 |", "|---|---:|---:|",
                          "| smi | 45.00 (40.00) | 51.00 (46.00) |"]
     assert (out / "batch_size.png").is_file()
+
+
+def _absolute_paths(value) -> list:
+    """Every whitespace-separated token of the strings in ``value`` (a JSON document) that reads as an absolute
+    path: a leading ``/`` (or a drive letter) and at least one more separator."""
+    if isinstance(value, dict):
+        return [p for v in value.values() for p in _absolute_paths(v)]
+    if isinstance(value, list):
+        return [p for v in value for p in _absolute_paths(v)]
+    if not isinstance(value, str):
+        return []
+    tokens = (t.strip("\"'`(),[]") for t in value.split())
+    return [t for t in tokens
+            if (t.startswith("/") and "/" in t[1:]) or (len(t) > 3 and t[1:3] in (":\\", ":/") and t[0].isalpha())]
+
+
+def test_committed_records_name_no_absolute_path():
+    # records say where their files were relative to the repository (``results/...``, ``../shared/...``): an
+    # absolute path would name the machine a run was made on and mean nothing in another clone
+    listed = subprocess.run(["git", "ls-files", "-z", "results"], cwd=REPO, capture_output=True)
+    if listed.returncode != 0:
+        pytest.skip("not a git checkout: the committed records are not known")
+    found = {}
+    for name in sorted(n for n in listed.stdout.decode().split("\0") if n.endswith(".json")):
+        path = REPO / name
+        if not path.is_file():  # removed in the working tree, not committed yet
+            continue
+        hits = _absolute_paths(json.loads(path.read_text()))
+        if hits:
+            found[str(path.relative_to(REPO))] = sorted(set(hits))[:2]
+    assert not found, f"absolute paths in run records (write them relative to the repository root): {found}"
+
+
+def test_the_absolute_path_check_sees_one():
+    assert _absolute_paths({"a": ["x /srv/data/train-0.tar y"], "b": "results/x", "c": "32 / 64 px"}) == [
+        "/srv/data/train-0.tar"]
+    assert _absolute_paths("C:\\runs\\x") == ["C:\\runs\\x"]
