@@ -65,6 +65,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import statistics
 import sys
 import time
@@ -558,8 +559,9 @@ def phase_batch(args, preset, splits):
 # ---------------------------------------------------------------------------------------------------------------------
 
 def transfer_splits(args) -> Tuple[List[str], List[str]]:
-    """The labelled training and test shards of ``--transfer-dir`` (``train-*.tar*`` / ``test-*.tar*``)."""
-    d = Path(args.transfer_dir)
+    """The labelled training and test shards of ``--transfer-dir`` (``train-*.tar*`` / ``test-*.tar*``), relative to
+    the working directory (they go into the records, which must not name the machine they ran on)."""
+    d = Path(os.path.relpath(args.transfer_dir))
     train, test = (sorted(str(p) for p in d.glob(f"{split}-*.tar*")) for split in ("train", "test"))
     if not train or not test:
         raise SystemExit(f"no train-*.tar / test-*.tar shards in {d}; pass --transfer-dir (a labelled set, e.g. "
