@@ -559,9 +559,8 @@ def phase_batch(args, preset, splits):
 # ---------------------------------------------------------------------------------------------------------------------
 
 def transfer_splits(args) -> Tuple[List[str], List[str]]:
-    """The labelled training and test shards of ``--transfer-dir`` (``train-*.tar*`` / ``test-*.tar*``), relative to
-    the working directory (they go into the records, which must not name the machine they ran on)."""
-    d = Path(os.path.relpath(args.transfer_dir))
+    """The labelled training and test shards of ``--transfer-dir`` (``train-*.tar*`` / ``test-*.tar*``)."""
+    d = Path(args.transfer_dir)
     train, test = (sorted(str(p) for p in d.glob(f"{split}-*.tar*")) for split in ("train", "test"))
     if not train or not test:
         raise SystemExit(f"no train-*.tar / test-*.tar shards in {d}; pass --transfer-dir (a labelled set, e.g. "
@@ -1161,6 +1160,9 @@ def main(argv=None) -> int:
 
         torch.set_num_threads(args.threads)
     args.out = args.out or str(REPO / "results" / f"{date.today()}-{args.preset}")
+    # the folders whose paths go into the records, relative to the working directory: a record must not name the
+    # machine it was made on
+    args.out, args.transfer_dir = os.path.relpath(args.out), os.path.relpath(args.transfer_dir)
     Path(args.out).mkdir(parents=True, exist_ok=True)
     wanted = set(args.phase) | ({p for p in PHASES[:-1] if p not in STUDY_PHASES} if "all" in args.phase else set())
     training = {"lr": phase_lr, "smi": phase_smi, "smi-lr": phase_smi_lr, "simclr": phase_simclr,
