@@ -1041,6 +1041,7 @@ def _batch_table(args, preset, test, out: Path) -> List[str]:
     ax.set(xscale="log", xlabel="batch size (log)", ylabel="linear probe top-1 (%)",
            title=f"CIFAR-10, {epochs:.1f} epochs, equal epochs per batch size")
     ax.set_xticks(sizes, [str(b) for b in sizes])
+    ax.set_xticks([], minor=True)  # the log axis' minor ticks would be labelled 2×10², 3×10², ...
     ax.legend(fontsize=8)
     fig.tight_layout()
     save_figure(fig, out / "batch_size.png")
