@@ -1060,7 +1060,8 @@ def curve_labels(records) -> Dict[str, Any]:
 
 
 def phase_report(args, preset):
-    """``table.md`` from the run records, and ``knn_curves.png`` from the final runs' online monitor."""
+    """``table.md`` from the run records, and ``knn_curves.png`` from the online monitor of the final runs at the
+    largest budget at the preset's batch size."""
     from smi_timm.curves import plot_curves
 
     out = Path(args.out)
@@ -1078,7 +1079,8 @@ def phase_report(args, preset):
             lines += section + ([""] if section[-1] else [])
     (out / "table.md").write_text("\n".join(lines).rstrip() + "\n")
     print("\n".join(lines))
-    budget = max((r["steps"] for r in test), default=None)
+    # the largest budget at the preset's batch size: the batch-size study's runs have their own step counts
+    budget = max((r["steps"] for r in test if "batch_size" not in r["extra"]), default=None)
     monitors = curve_labels([r for method in args.methods for r in test
                              if r["method"] == method and r["monitor"] and r["steps"] == budget])
     if monitors:

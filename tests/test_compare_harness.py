@@ -75,7 +75,7 @@ def test_records_without_the_linear_probe_are_refused_by_that_criterion(harness,
         harness.best_lr(val, "smi", 300, "linear")
 
 
-def test_report_aggregates_seeds_per_budget(harness, tmp_path):
+def test_report_aggregates_seeds_per_budget(harness, tmp_path, monkeypatch):
     for seed, (k200, lin) in enumerate(((40.0, 50.0), (42.0, 54.0))):
         _write(tmp_path, f"smi_s{seed}_test", dict(
             method="smi", lr=0.3, seed=seed, steps=10, extra={}, eval="test", knn200_top1=k200, knn20_top1=k200,
@@ -89,7 +89,18 @@ def test_report_aggregates_seeds_per_budget(harness, tmp_path):
     _write(tmp_path, "smi_short_test", dict(method="smi", lr=3.0, seed=0, steps=5, extra={}, eval="test",
                                             knn200_top1=1.0, knn20_top1=1.0, linear_top1=1.0, train_seconds=6.0,
                                             monitor=[]))
+    # a batch-size study run has more steps at another batch: its curve is not the final runs' plot
+    _write(tmp_path, "smi_b32_test", dict(method="smi", lr=0.3, seed=0, steps=40, extra={"batch_size": 32},
+                                          eval="test", knn200_top1=9.0, knn20_top1=9.0, linear_top1=9.0,
+                                          train_seconds=6.0, monitor=[{"step": 20, "knn_top1": 8.0}]))
+    import smi_timm.curves
+
+    plotted = []
+    real_plot = smi_timm.curves.plot_curves
+    monkeypatch.setattr(smi_timm.curves, "plot_curves",
+                        lambda monitors, *a, **kw: (plotted.append(sorted(monitors)), real_plot(monitors, *a, **kw)))
     harness.phase_report(_ns(tmp_path, preset="smoke"), harness.PRESETS["smoke"])
+    assert plotted == [["smi (seed 0)", "smi (seed 1)"]]
     table = (tmp_path / "table.md").read_text()
     assert ("| smi | 0.3 | – | 2 | 41.00 ± 1.41 | 41.00 ± 1.41 | 52.00 ± 2.83 | 100.50 ± 0.71 | 0.50 ± 0.00 | "
             "-2.00 ± 0.00 | 1.0 |") in table
