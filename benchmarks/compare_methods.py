@@ -541,6 +541,12 @@ def batch_extra(preset, batch: int) -> Tuple[int, Dict[str, Any]]:
                                                                            batch))}
 
 
+def batch_study_run(record) -> bool:
+    """Whether a run record is one of the batch-size study's (its settings name another ``batch_size``): its step
+    count is not the final budget's, so the final runs' curves and spatial maps leave it out."""
+    return "batch_size" in record["extra"]
+
+
 def phase_batch(args, preset, splits):
     """The small-batch claim: trial configurations (``--configs``, default smi, barlow, simclr) at each of the
     preset's ``batch_sizes`` at equal epochs, ``batch_seeds`` seeds; the batch-``batch_size`` rows are the trial's."""
@@ -620,21 +626,22 @@ def phase_transfer(args, preset):
 
 
 def phase_spatial(args, preset):
-    """Spatial concentration of the last feature map of each method's seed-0 final backbone (largest budget) and of
-    the random-init floor, on the transfer test images at ``spatial_size`` px: ``OUT/spatial/spatial.json`` and
-    ``spatial.png`` (:func:`smi_timm.spatial.run_spatial`). Each backbone row names its ``run_id``; the rows of an
-    earlier ``spatial.json`` whose backbone has been removed since are kept (``"kept": true``; the plot shows the
-    backbones measured now)."""
+    """Spatial concentration of the last feature map of each method's seed-0 final backbone (largest budget, the
+    batch-size study's runs left out) and of the random-init floor, on the transfer test images at ``spatial_size``
+    px: ``OUT/spatial/spatial.json`` and ``spatial.png`` (:func:`smi_timm.spatial.run_spatial`). Each backbone row
+    names its ``run_id``; the rows of an earlier ``spatial.json`` whose backbone has been removed since are kept
+    (``"kept": true``; the plot shows the backbones measured now)."""
     from smi_timm.layout import write_json_atomic
     from smi_timm.spatial import run_spatial
 
     _, test = transfer_splits(args)
-    finals = [(r, e) for r, e in final_exports(args, preset) if r["seed"] == 0]
+    finals = [(r, e) for r, e in final_exports(args, preset) if r["seed"] == 0 and not batch_study_run(r)]
     if not finals:
         raise SystemExit("no final-run export in --out; run --phase final first")
     budget = max(r["steps"] for r, _ in finals)
     sources, labels, run_ids = [], [], []
-    runs = [r for r in load_records(Path(args.out), "test") if r["seed"] == 0 and r["steps"] == budget]
+    runs = [r for r in load_records(Path(args.out), "test")
+            if r["seed"] == 0 and r["steps"] == budget and not batch_study_run(r)]
     for method in args.methods:
         # a method run at several settings (a trial, each criterion's choice), exported or not: the settings name them
         named = sum(r["method"] == method for r in runs) > 1
@@ -1079,8 +1086,7 @@ def phase_report(args, preset):
             lines += section + ([""] if section[-1] else [])
     (out / "table.md").write_text("\n".join(lines).rstrip() + "\n")
     print("\n".join(lines))
-    # the largest budget at the preset's batch size: the batch-size study's runs have their own step counts
-    budget = max((r["steps"] for r in test if "batch_size" not in r["extra"]), default=None)
+    budget = max((r["steps"] for r in test if not batch_study_run(r)), default=None)
     monitors = curve_labels([r for method in args.methods for r in test
                              if r["method"] == method and r["monitor"] and r["steps"] == budget])
     if monitors:

@@ -280,6 +280,10 @@ def test_spatial_phase_keeps_rows_of_removed_backbones_and_the_trial_reads_them_
     for r in (gone, here):
         _write(out, f"{r['run_id']}_test", r)
     harness.export_dir(out, here["run_id"]).mkdir(parents=True)
+    # a batch-size study run has more steps, and its backbone is here: not the final runs' budget, left out
+    batch = _trial_record("smi", 0, dict(default, batch_size=32, warmup_steps=400), 40.0, 45.0, steps=16000)
+    _write(out, f"{batch['run_id']}_test", batch)
+    harness.export_dir(out, batch["run_id"]).mkdir(parents=True)
     # written before rows named their run: the default's export was removed since, a third run's too
     row = lambda label, weights, mass: dict(label=label, weights=weights, map_size=[4, 4],  # noqa: E731
                                             uniform_top_mass=0.25, norm=dict(top_mass=mass, top_mass_std=0.0,
